@@ -1,0 +1,41 @@
+"""Shared fixtures: where the real data lives, and small synthetic datasets built once per session."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# ../shared beside the checkout (as in CI); IMAT_SHARED overrides.
+SHARED = pathlib.Path(os.environ.get("IMAT_SHARED", REPO.parent / "shared"))
+SHARED_DATA = SHARED / "data"
+TORCHVISION_REF = SHARED / "reference" / "torchvision"
+
+
+def _require(path: pathlib.Path) -> pathlib.Path:
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (tests on real data need ../shared beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """../shared/data (real-smoke, ccp-dev, imaterialist2020); skips when absent."""
+    return _require(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def real_smoke(shared_data) -> pathlib.Path:
+    return _require(shared_data / "real-smoke")
+
+
+@pytest.fixture(scope="session")
+def ccp_dev(shared_data) -> pathlib.Path:
+    return _require(shared_data / "ccp-dev")
+
+
+@pytest.fixture(scope="session")
+def torchvision_ref() -> pathlib.Path:
+    return _require(TORCHVISION_REF)
