@@ -1,0 +1,197 @@
+"""`imat index`, `imat search`, `imat eval`: thin commands over imat.engine.Engine.
+
+Never imports the training stack. User mistakes (missing model, empty folder, model/index
+mismatch) raise ImatError, which `imat.cli.main.main` prints as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import click
+
+from imat.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+def _quiet_faiss() -> None:
+    # faiss logs its SIMD-variant probing at INFO; that is noise for a user.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+def _engine(model: pathlib.Path, batch_size: int, threads: int | None):
+    from imat.engine import Engine
+
+    _quiet_faiss()
+    return Engine(model, batch_size=batch_size, decode_threads=threads)
+
+
+def _plain_folder_images(folder: pathlib.Path) -> tuple[list[pathlib.Path], list[str]]:
+    """(image files, names of the non-image files skipped) of a plain folder."""
+    from imat.data_tools.kaggle import list_images
+
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder; pass a folder of images (or a Kaggle folder with train.csv)")
+    images = list_images(folder)
+    names = {p.name for p in images}
+    skipped = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in names)
+    return images, skipped
+
+
+def _note_skipped(skipped: list[str], what: str) -> None:
+    if skipped:
+        click.echo(f"note: skipped {len(skipped)} {what} (e.g. {', '.join(skipped[:3])})", err=True)
+
+
+def _summarise_errors(errors, what: str) -> None:
+    if errors:
+        click.echo(f"skipped {len(errors)} unreadable {what}:", err=True)
+        for err in errors[:5]:
+            click.echo(f"  {err}", err=True)
+        if len(errors) > 5:
+            click.echo(f"  ... and {len(errors) - 5} more", err=True)
+
+
+common_model = click.option(
+    "--model", "model", required=True, type=click.Path(path_type=pathlib.Path), help="model.onnx from `imat export`."
+)
+common_batch = click.option("--batch-size", default=64, show_default=True, help="Images per model call.")
+common_threads = click.option(
+    "--threads", type=int, default=None, help="Decoder threads (default: half the cores; the model gets the rest)."
+)
+
+
+@click.command("index")
+@common_model
+@click.option("--images", "images", required=True, type=click.Path(path_type=pathlib.Path),
+              help="A folder of images, or a Kaggle folder (train.csv present: labels are stored).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Index folder to write.")
+@click.option("--index-type", default="auto", show_default=True,
+              help="FAISS factory string (Flat, HNSW32,Flat, IVF1024,PQ32, ...) or auto.")
+@click.option("--memory-budget-mb", type=float, default=None, help="Memory budget for auto index choice.")
+@common_batch
+@common_threads
+def index(model, images, out, index_type, memory_budget_mb, batch_size, threads):
+    """Embed a folder of images and build a FAISS index."""
+    labels = ids = None
+    if (images / "train.csv").is_file():
+        from imat.data_tools.kaggle import read_kaggle
+
+        ds = read_kaggle(images)
+        if ds.problems:
+            click.echo(ds.summary(), err=True)
+        if not ds.records:
+            raise DataError(f"{images}: the Kaggle folder has no usable images; see the problems above")
+        items = [rec.path for rec in ds.records]
+        ids = [rec.image_id for rec in ds.records]
+        name_of = dict(zip(ds.labels.category_ids, ds.labels.category_names))
+        labels = [[name_of[c] for c in rec.categories] for rec in ds.records]
+        click.echo(f"{images}: Kaggle folder, {len(items)} labelled images", err=True)
+    else:
+        items, skipped = _plain_folder_images(images)
+        _note_skipped(skipped, "non-image files")
+        if not items:
+            raise DataError(f"{images}: no image files found (looked for .jpg, .jpeg, .png, .webp, ...)")
+    budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
+    engine = _engine(model, batch_size, threads)
+    gallery = engine.build_index(items, out, index_type=index_type, labels=labels, ids=ids,
+                                 memory_budget_bytes=budget)
+    result = engine.last_result
+    _summarise_errors(result.errors, "images")
+    click.echo(
+        f"indexed {gallery.count} images into {out} ({gallery.index_type}, dim {gallery.dim}, "
+        f"{'labelled' if labels is not None else 'unlabelled'}) at {result.timings.images_per_s:.1f} images/s "
+        f"on {engine.provider}"
+    )
+
+
+@click.command("search")
+@common_model
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=pathlib.Path), help="Index folder.")
+@click.option("--batch", "batch_dir", type=click.Path(path_type=pathlib.Path), default=None,
+              help="A folder of query images.")
+@click.argument("queries", nargs=-1, type=click.Path(path_type=pathlib.Path))
+@click.option("--k", "k", default=10, show_default=True, help="Neighbours per query.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Results JSONL to write.")
+@click.option("--html", "html_out", type=click.Path(path_type=pathlib.Path), default=None,
+              help="Also write an HTML gallery of the results.")
+@common_batch
+@common_threads
+def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, threads):
+    """Search an index with one or more images, or a folder of queries (--batch)."""
+    from imat.data_tools.kaggle import IMAGE_EXTENSIONS
+    from imat.engine.report import atomic_write_text, write_html_report
+
+    if bool(batch_dir) == bool(queries):
+        raise ConfigError("give either --batch QUERY_DIR or one or more QUERY_IMAGE paths (not both, not neither)")
+    if batch_dir:
+        items, skipped = _plain_folder_images(batch_dir)
+        if not items:
+            raise DataError(f"{batch_dir}: no image files found to search with")
+    else:
+        items = [q for q in queries if q.suffix.lower() in IMAGE_EXTENSIONS]
+        skipped = [str(q) for q in queries if q.suffix.lower() not in IMAGE_EXTENSIONS]
+        if not items:
+            raise DataError(f"none of the given queries is an image file: {', '.join(skipped[:3])}")
+    _note_skipped(skipped, "non-image files")
+    if k < 1:
+        raise ConfigError(f"--k must be >= 1, got {k}")
+    engine = _engine(model, batch_size, threads)
+    gallery = engine.load_index(index_dir)  # fingerprint check before any embedding work
+    records = engine.search(items, k=k, index=gallery)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    if html_out:
+        write_html_report(records, html_out, title=f"imat search: {index_dir}")
+    errors = [r for r in records if "error" in r]
+    for r in errors[:5]:
+        click.echo(f"error: {r['query']}: {r['error']}", err=True)
+    click.echo(
+        f"searched {len(records) - len(errors)} of {len(records)} queries against {gallery.count} items "
+        f"(k={min(k, gallery.count)}); {len(errors)} errors; results in {out}"
+        + (f", report in {html_out}" if html_out else "")
+    )
+
+
+def format_eval_table(result: dict) -> str:
+    k = result["k"]
+    base = result["baseline"]
+    lines = [
+        f"leave-one-out on {result['count']} images (relevance {result['relevance']}, k={k})",
+        f"{'metric':<22}{'model':>10}{'random':>10}{'ratio':>8}",
+    ]
+    for name in ("map", "precision", "recall", "ndcg"):
+        key = f"{name}@{k}"
+        v, b = result[key], base[key]
+        ratio = f"{v / b:.1f}x" if b > 0 else "-"
+        lines.append(f"{key:<22}{v:>10.4f}{b:>10.4f}{ratio:>8}")
+    for key in ("f1_macro_neighbours", "f1_micro_neighbours", "f1_macro_model", "f1_micro_model"):
+        if key in result:
+            lines.append(f"{key:<22}{result[key]:>10.4f}")
+    return "\n".join(lines)
+
+
+@click.command("eval")
+@common_model
+@click.option("--images", "images", required=True, type=click.Path(path_type=pathlib.Path),
+              help="A labelled Kaggle-layout folder (train.csv, label_descriptions.json, train/).")
+@click.option("--k", "k", default=10, show_default=True, help="Cut-off for the metrics.")
+@click.option("--json", "json_out", type=click.Path(path_type=pathlib.Path), default=None, help="Write metrics JSON.")
+@common_batch
+@common_threads
+def evaluate(model, images, k, json_out, batch_size, threads):
+    """Leave-one-out retrieval evaluation on a labelled folder."""
+    from imat.engine.report import atomic_write_text
+
+    if not (images / "train.csv").is_file():
+        raise DataError(f"{images}: not a Kaggle-layout folder (no train.csv); evaluation needs labels")
+    engine = _engine(model, batch_size, threads)
+    result = engine.evaluate(images, k=k)
+    _summarise_errors(result["skipped_images"], "images")
+    click.echo(format_eval_table(result))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+        click.echo(f"metrics written to {json_out}")

@@ -1,0 +1,268 @@
+"""Engine: one model.onnx, used to embed images, build/extend/search FAISS indexes and evaluate.
+
+A thin composition of session (ONNX Runtime), embedder (decode pool + batches),
+index (FAISS + sidecar), search (records) and evaluate (metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from imat.engine import index as index_mod
+from imat.engine.embedder import EmbedError, EmbedResult, default_decode_threads, embed_items, item_label
+from imat.engine.evaluate import evaluate_embeddings
+from imat.engine.index import GalleryIndex
+from imat.engine.search import search_records
+from imat.engine.session import ModelSession
+from imat.errors import ConfigError, DataError, ImatError, IndexFileError
+
+logger = logging.getLogger(__name__)
+
+
+def default_item_id(item: Any, row: int) -> str:
+    """Path items are named by their file stem, arrays by their row."""
+    if isinstance(item, (str, os.PathLike)):
+        return pathlib.Path(item).stem
+    return f"item-{row}"
+
+
+class Engine:
+    """Serving engine over one model.onnx.
+
+    `last_result` holds the EmbedResult (timings, errors) of the most recent embedding run,
+    for callers that report throughput or skipped files.
+    """
+
+    def __init__(
+        self,
+        model_path,
+        *,
+        providers: Sequence[str] | None = None,
+        decode_threads: int | None = None,
+        batch_size: int = 64,
+        intra_op_threads: int | None = None,
+        progress: bool | None = None,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+        self.decode_threads = decode_threads or default_decode_threads()
+        self.batch_size = batch_size
+        self.progress = progress
+        self.session = ModelSession(
+            model_path, providers=providers, intra_op_threads=intra_op_threads, decode_threads=self.decode_threads
+        )
+        self.model_path = pathlib.Path(model_path)
+        self.metadata = self.session.metadata
+        self.provider = self.session.provider
+        self.last_result: EmbedResult | None = None
+
+    # ------------------------------------------------------------ embedding
+
+    def embed_result(self, items: Sequence[Any], *, desc: str = "embedding") -> EmbedResult:
+        result = embed_items(
+            self.session,
+            items,
+            batch_size=self.batch_size,
+            decode_threads=self.decode_threads,
+            progress=self.progress,
+            desc=desc,
+        )
+        self.last_result = result
+        return result
+
+    def embed_with_errors(self, items: Sequence[Any]) -> tuple[np.ndarray, list[EmbedError]]:
+        """(float32[M,D] embeddings of the good items, in order; errors of the bad ones)."""
+        result = self.embed_result(items)
+        return result.embeddings, result.errors
+
+    def embed(self, items: Sequence[Any]) -> np.ndarray:
+        """float32[N,D]; raises ImageDecodeError-like ImatError naming the first bad item."""
+        result = self.embed_result(items)
+        if result.errors:
+            first = result.errors[0]
+            more = f" (and {len(result.errors) - 1} more)" if len(result.errors) > 1 else ""
+            raise DataError(f"{first.path}: {first.message}{more}; use embed_with_errors to skip bad items")
+        return result.embeddings
+
+    # ------------------------------------------------------------ indexes
+
+    def _item_records(self, items, ok_indices, ids, labels) -> list[dict]:
+        records = []
+        for row, i in enumerate(ok_indices):
+            i = int(i)
+            rec: dict = {"id": str(ids[i]) if ids is not None else default_item_id(items[i], i)}
+            rec["path"] = str(items[i]) if isinstance(items[i], (str, os.PathLike)) else None
+            if labels is not None:
+                rec["categories"] = self._category_names(labels[i], where=rec["id"])
+            records.append(rec)
+        return records
+
+    def _category_names(self, cats, *, where: str) -> list[str]:
+        names = self.metadata.category_names
+        out = []
+        for c in cats:
+            if isinstance(c, (int, np.integer)):
+                if not 0 <= int(c) < len(names):
+                    raise DataError(f"item {where}: category id {c} is outside the model's {len(names)} categories")
+                out.append(names[int(c)])
+            else:
+                out.append(str(c))
+        return sorted(set(out), key=out.index)
+
+    def _check_lengths(self, items, labels, ids) -> None:
+        for name, seq in (("labels", labels), ("ids", ids)):
+            if seq is not None and len(seq) != len(items):
+                raise ConfigError(f"{name} has {len(seq)} entries for {len(items)} items")
+
+    def build_index(
+        self,
+        items: Sequence[Any],
+        out_dir,
+        index_type: str = "auto",
+        labels: Sequence[Sequence] | None = None,
+        ids: Sequence[str] | None = None,
+        *,
+        memory_budget_bytes: int | None = None,
+    ) -> GalleryIndex:
+        """Embed `items`, build the index and write it (atomically) to `out_dir`. Bad items are skipped."""
+        items = list(items)
+        if not items:
+            raise DataError(f"no images to index for {out_dir}")
+        self._check_lengths(items, labels, ids)
+        result = self.embed_result(items, desc="indexing")
+        if result.embeddings.shape[0] == 0:
+            first = result.errors[0] if result.errors else None
+            raise DataError(f"none of the {len(items)} images could be read (first: {first}); nothing to index")
+        records = self._item_records(items, result.ok_indices, ids, labels)
+        if index_type == "auto":
+            index_type = index_mod.choose_index_type(
+                result.embeddings.shape[0], result.embeddings.shape[1], memory_budget_bytes
+            )
+            logger.info("index type auto -> %s", index_type)
+        gallery = index_mod.build_gallery_index(
+            result.embeddings,
+            records,
+            index_type,
+            model_fingerprint=self.metadata.fingerprint,
+            model_architecture=self.metadata.architecture,
+            extra_meta={
+                "model_objective": self.metadata.objective,
+                "image_size": self.metadata.image_size,
+                "resize_mode": self.metadata.resize_mode,
+                "labelled": labels is not None,
+                "skipped": len(result.errors),
+            },
+        )
+        gallery.save(out_dir)
+        return gallery
+
+    def load_index(self, directory) -> GalleryIndex:
+        """Load an index and check it was built by this engine's model."""
+        gallery = index_mod.load_index(directory)
+        meta = gallery.meta
+        if meta["model_fingerprint"] != self.metadata.fingerprint:
+            raise IndexFileError(
+                f"{directory}: index was built by a different model (architecture {meta.get('model_architecture')}, "
+                f"fingerprint {str(meta['model_fingerprint'])[:12]}, created {meta.get('created')}) than "
+                f"{self.model_path} (architecture {self.metadata.architecture}, fingerprint "
+                f"{self.metadata.fingerprint[:12]}); search with the model that built it or rebuild the index"
+            )
+        if gallery.dim != self.metadata.embedding_dim:
+            raise IndexFileError(
+                f"{directory}: index dimension {gallery.dim} differs from the model's embedding_dim "
+                f"{self.metadata.embedding_dim}; rebuild the index"
+            )
+        return gallery
+
+    def add_to_index(self, directory, items: Sequence[Any], labels=None, ids=None) -> GalleryIndex:
+        """Embed `items` and append them to an existing index (new row ids follow); written atomically."""
+        items = list(items)
+        self._check_lengths(items, labels, ids)
+        gallery = self.load_index(directory)
+        if gallery.labelled and labels is None and gallery.count:
+            raise ConfigError(f"{directory}: the index is labelled; pass labels for the new items")
+        if not gallery.labelled and labels is not None and gallery.count:
+            raise ConfigError(f"{directory}: the index has no labels; add the new items without labels")
+        result = self.embed_result(items, desc="adding")
+        if result.embeddings.shape[0]:
+            records = self._item_records(items, result.ok_indices, ids, labels)
+            gallery.add(result.embeddings, records)
+            gallery.meta["skipped"] = int(gallery.meta.get("skipped", 0)) + len(result.errors)
+            gallery.save(directory)
+        else:
+            logger.warning("none of the %d new items could be embedded; index unchanged", len(items))
+        return gallery
+
+    # ------------------------------------------------------------ search and evaluation
+
+    def search(self, items: Sequence[Any], k: int = 10, index: GalleryIndex | str | os.PathLike | None = None,
+               *, min_score: float | None = None) -> list[dict]:
+        """One result record per query (see imat.engine.search); bad queries get an `error` record."""
+        if index is None:
+            raise ConfigError("search needs an index (a GalleryIndex or an index folder)")
+        gallery = index if isinstance(index, GalleryIndex) else self.load_index(index)
+        if k < 1:
+            raise ConfigError(f"--k must be >= 1, got {k}")
+        items = list(items)
+        result = self.embed_result(items, desc="searching")
+        kwargs = {} if min_score is None else {"min_score": min_score}
+        return search_records(
+            gallery,
+            items,
+            result.embeddings,
+            result.ok_indices,
+            result.errors,
+            k,
+            category_names=self.metadata.category_names,
+            probabilities=result.probabilities,
+            **kwargs,
+        )
+
+    def evaluate(self, kaggle_root, k: int = 10, *, baseline_samples: int = 5, seed: int = 0) -> dict:
+        """Leave-one-out retrieval and label metrics on a labelled Kaggle-layout folder."""
+        from imat.data_tools.kaggle import read_kaggle
+
+        if k < 1:
+            raise ConfigError(f"--k must be >= 1, got {k}")
+        ds = read_kaggle(kaggle_root)
+        if len(ds.records) < 2:
+            raise DataError(f"{kaggle_root}: need at least 2 labelled images to evaluate, found {len(ds.records)}")
+        paths = [rec.path for rec in ds.records]
+        result = self.embed_result(paths, desc="evaluating")
+        labels = ds.category_matrix()[result.ok_indices]
+        probabilities = None
+        if result.probabilities is not None:
+            probabilities = self._probabilities_in(ds.labels.category_names, result.probabilities)
+        out = evaluate_embeddings(
+            result.embeddings, labels, k, probabilities=probabilities, baseline_samples=baseline_samples, seed=seed
+        )
+        out.update(
+            {
+                "root": str(kaggle_root),
+                "model": str(self.model_path),
+                "images": len(ds.records),
+                "skipped_images": [str(e) for e in result.errors],
+                "dataset_problems": len(ds.problems),
+                "images_per_s": result.timings.images_per_s,
+            }
+        )
+        return out
+
+    def _probabilities_in(self, names: Sequence[str], probabilities: np.ndarray) -> np.ndarray | None:
+        """Model probabilities re-ordered into the dataset's category columns (by name)."""
+        model_names = list(self.metadata.category_names)
+        if list(names) == model_names:
+            return probabilities
+        col = {n: j for j, n in enumerate(model_names)}
+        if not all(n in col for n in names):
+            logger.warning("model categories differ from the dataset's; model F1 not reported")
+            return None
+        return probabilities[:, [col[n] for n in names]]
+
+
+__all__ = ["Engine", "EmbedError", "item_label"]

@@ -1,0 +1,358 @@
+"""Export an imat model (or a training run's checkpoint) to one self-contained model.onnx.
+
+The file takes uint8 NHWC images ``images [batch, S, S, 3]`` (normalisation is inside the
+graph) and gives ``embedding [batch, D]`` (L2-normalised) and, for models whose objective
+trains the classifier (bce), ``probabilities [batch, C]`` = sigmoid(logits).
+
+Which embedding is exported depends on the objective (recorded as ``embedding_source``):
+- bce, triplet: the embedding head (Dense on the pooled features, then L2 normalisation);
+- rotation: the backbone's pooled features, L2-normalised. Self-supervised rotation training
+  never trains the embedding head or the classifier; its backbone features are what
+  retrieval uses, so ``embedding_dim`` is the backbone width (512 for ResNet18, ...).
+Triplet and rotation models export no ``probabilities``: their classifier is untrained.
+
+Nothing reaches ``out_path`` unless the graph passes ``onnx.checker`` (full check) and the
+parity gate (``validate.check_parity``: ONNX Runtime vs the JAX model on the same images);
+the file is written to a temp file beside the target and ``os.replace``d into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from imat import __version__
+from imat.constants import RESIZE_MODES
+from imat.errors import ConfigError, ModelError
+from imat.export import validate as parity
+from imat.export.graph import GraphBuilder
+from imat.export.translate import build_backbone, pooled_embedding
+
+logger = logging.getLogger(__name__)
+
+# objective -> (embedding source, export probabilities?)
+OBJECTIVES: dict[str, tuple[str, bool]] = {
+    "bce": ("embedding_head", True),
+    "triplet": ("embedding_head", False),
+    "rotation": ("pooled", False),
+}
+METADATA_KEYS = (
+    "imat_version", "architecture", "objective", "image_size", "resize_mode", "embedding_dim",
+    "category_names", "fingerprint", "outputs", "embedding_source",
+)
+_INT_KEYS = ("image_size", "embedding_dim", "num_classes")
+_JSON_KEYS = ("category_names", "outputs")
+PROTOBUF_LIMIT = 2**31 - 1
+NUM_RANDOM_IMAGES = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+    """What an export did: where, how well (parity), how long, how big."""
+
+    path: pathlib.Path
+    outputs: tuple[str, ...]
+    fingerprint: str
+    size_bytes: int
+    seconds: dict[str, float]
+    parity: parity.ParityReport | None
+
+
+def export_onnx(
+    model,
+    out_path,
+    *,
+    image_size: int,
+    objective: str,
+    resize_mode: str = "stretch",
+    category_names: Sequence[str],
+    extra_metadata: dict | None = None,
+    validate: bool = True,
+    include_logits: bool = False,
+    tolerance: float = parity.DEFAULT_TOLERANCE,
+    validation_images: np.ndarray | None = None,
+) -> pathlib.Path:
+    """Export ``model`` to ``out_path`` (one .onnx file, dynamic batch); returns the path.
+
+    ``include_logits`` adds the raw classifier ``logits`` output (used to compare with
+    torchvision). ``validation_images`` (uint8 [N, S, S, 3], e.g. real photos) are compared in
+    the parity gate in addition to random images. See ``export_onnx_report`` for timings/errors.
+    """
+    return export_onnx_report(
+        model, out_path, image_size=image_size, objective=objective, resize_mode=resize_mode,
+        category_names=category_names, extra_metadata=extra_metadata, validate=validate,
+        include_logits=include_logits, tolerance=tolerance, validation_images=validation_images,
+    ).path
+
+
+def export_onnx_report(
+    model,
+    out_path,
+    *,
+    image_size: int,
+    objective: str,
+    resize_mode: str = "stretch",
+    category_names: Sequence[str],
+    extra_metadata: dict | None = None,
+    validate: bool = True,
+    include_logits: bool = False,
+    tolerance: float = parity.DEFAULT_TOLERANCE,
+    validation_images: np.ndarray | None = None,
+) -> ExportReport:
+    """``export_onnx`` that also returns the parity errors, timings and file size."""
+    t0 = time.perf_counter()
+    out_path = pathlib.Path(out_path)
+    image_size = _check_options(objective, resize_mode, image_size, out_path)
+    embedding_source, with_probabilities = OBJECTIVES[objective]
+    category_names = [str(n) for n in category_names]
+
+    g = GraphBuilder()
+    tensors = build_backbone(g, model, image_size)
+    outputs: list[str] = []
+    if embedding_source == "pooled":
+        g.add_output(pooled_embedding(g, tensors.pooled), "embedding")
+    else:
+        g.add_output(tensors.embedding, "embedding")
+    outputs.append("embedding")
+    embedding_dim = int(g.shape("embedding")[1])
+    if with_probabilities or include_logits:
+        if tensors.logits is None:
+            raise ModelError(f"{type(model).__name__} has no classifier head, so it has no probabilities/logits")
+        num_classes = int(g.shape(tensors.logits)[1])
+        if with_probabilities:
+            if len(category_names) != num_classes:
+                raise ConfigError(
+                    f"category_names has {len(category_names)} names but the model's classifier has "
+                    f"{num_classes} outputs; pass one name per class"
+                )
+            g.add_output(g.sigmoid(tensors.logits, name="probabilities_sigmoid"), "probabilities")
+            outputs.append("probabilities")
+        if include_logits:
+            g.add_output(tensors.logits, "logits")
+            outputs.append("logits")
+    fingerprint = g.fingerprint()
+    metadata = {
+        "imat_version": __version__,
+        "architecture": str(getattr(model, "arch", type(model).__name__)),
+        "objective": objective,
+        "image_size": str(image_size),
+        "resize_mode": resize_mode,
+        "embedding_dim": str(embedding_dim),
+        "category_names": json.dumps(category_names),
+        "fingerprint": fingerprint,
+        "outputs": json.dumps(outputs),
+        "embedding_source": embedding_source,
+        "input": "images: uint8 [batch, height, width, 3] RGB, normalisation inside the graph",
+    }
+    if hasattr(model, "config"):
+        metadata["model_config"] = json.dumps(model.config, sort_keys=True)
+    for key, value in (extra_metadata or {}).items():
+        if key in metadata:
+            raise ConfigError(f"extra_metadata key {key!r} is reserved by the exporter; rename it")
+        metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    proto = g.build(f"imat_{metadata['architecture']}", metadata)
+    t_build = time.perf_counter()
+
+    check_model_proto(proto)
+    t_check = time.perf_counter()
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = pathlib.Path(tmp_name)
+    report = None
+    try:
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+        t_write = time.perf_counter()
+        if validate:
+            images = validate_images(image_size, validation_images)
+            report = check_parity_jax(tmp, model, objective, outputs, images, tolerance=tolerance)
+        t_validate = time.perf_counter()
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    seconds = {
+        "build": t_build - t0, "check": t_check - t_build, "write": t_write - t_check,
+        "validate": t_validate - t_write, "total": time.perf_counter() - t0,
+    }
+    size = out_path.stat().st_size
+    logger.info(
+        "exported %s (%s, %s, outputs %s, %.1f MB) in %.1f s%s", out_path, metadata["architecture"], objective,
+        outputs, size / 1e6, seconds["total"], f"; parity {report.describe()}" if report else " (not validated)",
+    )
+    return ExportReport(out_path, tuple(outputs), fingerprint, size, seconds, report)
+
+
+def _check_options(objective: str, resize_mode: str, image_size, out_path: pathlib.Path) -> int:
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective {objective!r} is not one of {sorted(OBJECTIVES)}")
+    if resize_mode not in RESIZE_MODES:
+        raise ConfigError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
+    try:
+        size = int(image_size)
+    except (TypeError, ValueError):
+        raise ConfigError(f"image_size must be an integer, got {image_size!r}") from None
+    if size < 8:
+        raise ConfigError(f"image_size {size} is too small to export (need >= 8 pixels)")
+    if out_path.exists() and out_path.is_dir():
+        raise ConfigError(f"--out {out_path} is a directory; give a file path such as {out_path / 'model.onnx'}")
+    return size
+
+
+def check_model_proto(proto: onnx.ModelProto) -> None:
+    """onnx.checker full check (includes strict shape inference); ModelError when it fails."""
+    size = proto.ByteSize()
+    if size > PROTOBUF_LIMIT:
+        raise ModelError(f"the model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ModelError(f"the exported ONNX graph is invalid (exporter bug): {e}") from e
+
+
+def validate_images(image_size: int, extra: np.ndarray | None) -> np.ndarray:
+    """Random images (with black/white extremes) plus any real images given."""
+    images = parity.random_images(NUM_RANDOM_IMAGES, image_size)
+    if extra is None or len(extra) == 0:
+        return images
+    extra = np.asarray(extra)
+    if extra.dtype != np.uint8 or extra.ndim != 4 or extra.shape[1:] != (image_size, image_size, 3):
+        raise ConfigError(
+            f"validation images must be uint8 [N, {image_size}, {image_size}, 3], got {extra.dtype} {extra.shape}"
+        )
+    return np.concatenate([extra, images])
+
+
+def jax_reference(model, objective: str, outputs: Sequence[str]):
+    """images uint8 -> {output: array} computed by the JAX model (eval mode, on a clone)."""
+    import jax
+    from flax import nnx
+
+    from imat.train_jax.models.heads import l2_normalize
+
+    ref = nnx.clone(model)
+    ref.eval()  # BatchNorm running averages, no dropout; the caller's model keeps its mode
+    embedding_source, _ = OBJECTIVES[objective]
+
+    @nnx.jit
+    def forward(m, images):
+        out = m(images)
+        res = {"embedding": l2_normalize(out["pooled"]) if embedding_source == "pooled" else out["embedding"]}
+        if "probabilities" in outputs:
+            res["probabilities"] = jax.nn.sigmoid(out["logits"])
+        if "logits" in outputs:
+            res["logits"] = out["logits"]
+        return res
+
+    return lambda images: {k: np.asarray(v) for k, v in forward(ref, images).items()}
+
+
+def check_parity_jax(path, model, objective: str, outputs: Sequence[str], images: np.ndarray, *,
+                     tolerance: float = parity.DEFAULT_TOLERANCE) -> parity.ParityReport:
+    return parity.check_parity(path, jax_reference(model, objective, outputs), outputs, images, tolerance=tolerance)
+
+
+def read_metadata(path) -> dict:
+    """metadata_props of model.onnx as a dict; ints and JSON lists decoded, the rest strings."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such ONNX model file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError family
+        raise ModelError(f"{path}: not a readable ONNX model ({e})") from e
+    meta: dict = {p.key: p.value for p in proto.metadata_props}
+    missing = [k for k in METADATA_KEYS if k not in meta]
+    if missing:
+        raise ModelError(f"{path}: not an imat model (metadata {missing} missing); export it with `imat export`")
+    for key in _INT_KEYS:
+        if key in meta:
+            meta[key] = int(meta[key])
+    for key in _JSON_KEYS:
+        meta[key] = json.loads(meta[key])
+    return meta
+
+
+# ---- runs --------------------------------------------------------------------------------
+
+
+def export_run(run_dir, out_path, step: int | None = None) -> pathlib.Path:
+    """Export the checkpoint of a training run (latest step unless ``step``) to ``out_path``."""
+    return export_run_report(run_dir, out_path, step=step).path
+
+
+def export_run_report(run_dir, out_path, step: int | None = None, *, tolerance: float = parity.DEFAULT_TOLERANCE,
+                      include_logits: bool = False) -> ExportReport:
+    from imat.train_jax.checkpoint import load_model_from_run
+
+    run_dir = pathlib.Path(run_dir)
+    if not run_dir.is_dir():
+        raise ModelError(f"run directory {run_dir} does not exist; pass the workdir given to `imat train`")
+    model, config = load_model_from_run(run_dir, step=step)
+    for key in ("objective", "image_size"):
+        if key not in config:
+            raise ModelError(f"{run_dir / 'config.json'} has no {key!r}; is this an imat training run?")
+    objective = config["objective"]
+    image_size = int(config["image_size"])
+    names = _category_names(run_dir, config, model)
+    extra = {"source_run": run_dir.resolve().name}
+    if step is not None:
+        extra["checkpoint_step"] = str(int(step))
+    return export_onnx_report(
+        model, out_path, image_size=image_size, objective=objective,
+        resize_mode=config.get("resize_mode") or "stretch", category_names=names, extra_metadata=extra,
+        validate=True, include_logits=include_logits, tolerance=tolerance,
+        validation_images=_run_images(config, image_size),
+    )
+
+
+def _category_names(run_dir: pathlib.Path, config: dict, model) -> list[str]:
+    from imat.data_tools.labels import LabelSpace
+
+    if config.get("category_names"):
+        return [str(n) for n in config["category_names"]]
+    candidates = [run_dir / "label_descriptions.json"]
+    if config.get("data_dir"):
+        candidates.append(pathlib.Path(config["data_dir"]) / "label_descriptions.json")
+    labels = next((LabelSpace.from_json(p) for p in candidates if p.is_file()), None) or LabelSpace.default()
+    names = list(labels.category_names)
+    num_classes = int(config.get("num_classes", len(names)))
+    if num_classes != len(names):
+        # A classifier that is not over the 46 categories: name classes by index.
+        logger.warning("run has %d classes but the label space has %d names; naming classes by index",
+                       num_classes, len(names))
+        names = [str(i) for i in range(num_classes)]
+    return names
+
+
+def _run_images(config: dict, image_size: int, count: int = 8) -> np.ndarray | None:
+    """A few real images from the run's prepared dataset, when it is still there (best effort)."""
+    data_dir = config.get("data_dir")
+    if not data_dir or not pathlib.Path(data_dir).exists():
+        return None
+    try:
+        from imat.data_tools.pipelines import PreparedSplit
+    except ImportError:
+        return None
+    for split_name in ("validation", "val", "test", "train"):
+        try:
+            split = PreparedSplit.open(data_dir, split_name, cache=False)
+            n = min(count, split.num_examples)
+            images = np.asarray(split.images(list(range(n))))
+        except Exception as e:  # a missing split or an old layout: random images still validate
+            logger.debug("no %s images from %s: %s", split_name, data_dir, e)
+            continue
+        if images.ndim == 4 and images.shape[1:] == (image_size, image_size, 3) and images.dtype == np.uint8:
+            logger.info("parity check uses %d real images from %s (%s)", n, data_dir, split_name)
+            return images
+    return None

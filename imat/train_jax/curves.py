@@ -1,0 +1,51 @@
+"""Training curves: one subplot per metric, train vs validation, written atomically as PNG."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import tempfile
+
+logger = logging.getLogger(__name__)
+
+# Metrics worth a curve, per objective (others stay in metrics.jsonl only).
+CURVE_METRICS = {
+    "bce": ("loss", "f1_macro", "f1_micro", "map@10", "map@10_pooled"),
+    "triplet": ("loss", "triplet_accuracy", "active_fraction", "mean_pairwise_distance", "map@10"),
+    "rotation": ("loss", "rotation_accuracy", "map@10"),
+}
+
+
+def plot_curves(rows: list[dict], out_path, objective: str) -> pathlib.Path | None:
+    """Plot train/val rows of metrics.jsonl into ``out_path`` (PNG); None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # the OO API: no global pyplot state, thread-safe
+
+    keys = [k for k in CURVE_METRICS.get(objective, ("loss",)) if any(k in r for r in rows)]
+    if not keys:
+        return None
+    fig = Figure(figsize=(4.0 * len(keys), 3.2), constrained_layout=True)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        for split, style in (("train", "-"), ("val", "o-")):
+            pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and key in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, label=split, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    out_path = pathlib.Path(out_path)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=90)
+        os.replace(tmp, out_path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path

@@ -1,0 +1,40 @@
+"""The `imat` root command: help, versions, exit codes, lazy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from imat import __version__
+from imat.cli.main import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    assert main(["no-such-command"]) == 2
+    assert "no-such-command" in capsys.readouterr().err
+
+
+def test_help_does_not_import_the_training_stack():
+    code = (
+        "import sys\n"
+        "from imat.cli.main import main\n"
+        "rc = main(['--help'])\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'optax', 'tensorflow_datasets', 'onnxruntime', 'faiss'})\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY="

@@ -1,0 +1,36 @@
+"""The engine must never import the training stack (serving installs only the engine extra)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+FORBIDDEN = ("jax", "jaxlib", "flax", "optax", "tensorflow_datasets", "tensorflow")
+
+
+def test_engine_and_its_cli_do_not_import_the_training_stack():
+    code = (
+        "import sys\n"
+        "import imat.engine, imat.engine.engine, imat.engine.session, imat.engine.embedder, imat.engine.index\n"
+        "import imat.engine.search, imat.engine.evaluate, imat.engine.report, imat.cli.engine\n"
+        "import imat.data_tools.images, imat.data_tools.kaggle, imat.data_tools.labels\n"
+        "import faiss, onnxruntime\n"
+        f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
+        "print('FORBIDDEN:' + ','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "FORBIDDEN:\n" in out.stdout, out.stdout
+
+
+def test_cli_index_command_runs_without_the_training_stack(tmp_path):
+    # Running `imat search --help` through the lazy group imports imat.cli.engine for real.
+    code = (
+        "import sys\n"
+        "from imat.cli.main import main\n"
+        "rc = main(['search', '--help'])\n"
+        f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
+        "print('RC', rc, 'FORBIDDEN:' + ','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RC 0 FORBIDDEN:\n" in out.stdout, out.stdout + out.stderr
