@@ -170,16 +170,17 @@ def format_summary(stats: dict, *, top: int = 10) -> str:
         lines.append(f"  {c['id']:>3} {c['name'][:34]:<34} {c['images']:>7} ({100 * c['images'] / n:5.1f}%) "
                      f"{c['instances']:>8}")
     unused = s["categories_unused"]
-    lines.append(f"categories never seen: {len(unused)}" + (f" ({', '.join(unused[:8])}"
-                                                             f"{', ...' if len(unused) > 8 else ''})" if unused else ""))
+    listed = f" ({', '.join(unused[:8])}{', ...' if len(unused) > 8 else ''})" if unused else ""
+    lines.append(f"categories never seen: {len(unused)}{listed}")
     lines.append(f"attributes used: {s['attributes_used']} of {s['num_attributes']} "
                  f"({s['attributes_unused']} unused)")
     for a in s["attributes_top"][:min(top, 5)]:
         lines.append(f"  {a['id']:>3} {a['name'][:34]:<34} {a['rows']:>8} rows")
     sz = s["image_sizes"]
     if s["images"]:
-        lines.append(f"image sizes: width {sz['width']['min']}..{sz['width']['max']} (median {sz['width']['median']:g}), "
-                     f"height {sz['height']['min']}..{sz['height']['max']} (median {sz['height']['median']:g})")
+        wd, ht = sz["width"], sz["height"]
+        lines.append(f"image sizes: width {wd['min']}..{wd['max']} (median {wd['median']:g}), "
+                     f"height {ht['min']}..{ht['max']} (median {ht['median']:g})")
         lines.append(f"  portrait {sz['portrait']}, landscape {sz['landscape']}, square {sz['square']}; "
                      f"sides > {LARGE_SIDE}: {sz['larger_than_%d' % LARGE_SIDE]}")
         shown = ", ".join(sz["outlier_ids"][:5])

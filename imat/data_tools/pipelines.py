@@ -7,13 +7,17 @@ augmentation. A run resumed at step k therefore sees exactly the batches it woul
 Multi-host: `shard_index`/`num_shards` give each host a disjoint, equally sized shard of the split.
 
 Images stay uint8 NHWC (the model normalises); batches are plain numpy, ready for jax.device_put.
+The batch sources play the part of a grain sampler + batcher, addressable by step number;
+`PreparedSplit` also satisfies grain's random-access source protocol for other uses.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import queue
 import threading
@@ -133,6 +137,12 @@ class PreparedSplit:
                    heights=heights, widths=widths, image_size=int(shape[0]),
                    resize_mode=manifest.get("resize_mode"), _source=source, _cache=images)
 
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        """One example; with __len__ this is grain's random-access source protocol
+        (`grain.MapDataset.source(split)`), for users who want grain's own transforms."""
+        i = int(index)
+        return {"image": self.images([i])[0], "categories": self.categories[i], "attributes": self.attributes[i]}
+
     def images(self, indices) -> np.ndarray:
         """uint8[len(indices), S, S, 3] in the order given (indices may repeat)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -151,9 +161,10 @@ class PreparedSplit:
 # ---- augmentation ------------------------------------------------------------------------------------
 
 def augment_batch(images: np.ndarray, rng: np.random.Generator, *, scale=(0.6, 1.0),
-                  ratio=(3 / 4, 4 / 3), flip: bool = True) -> np.ndarray:
+                  ratio=(3 / 4, 4 / 3), flip: bool = True, parallel: bool | None = None) -> np.ndarray:
     """Random resized crop (area fraction in `scale`, aspect in `ratio`) back to the input size,
-    then a horizontal flip with probability 1/2. uint8 in, uint8 out, same shape."""
+    then a horizontal flip with probability 1/2. uint8 in, uint8 out, same shape.
+    parallel: crop in a thread pool (default: for 16 images or more); the result is the same."""
     b, h, w = images.shape[:3]
     area = rng.uniform(scale[0], scale[1], b) * h * w
     log_r = rng.uniform(np.log(ratio[0]), np.log(ratio[1]), b)
@@ -163,14 +174,36 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, *, scale=(0.6, 1
     ux, uy = rng.random(b), rng.random(b)
     flips = rng.random(b) < 0.5 if flip else np.zeros(b, bool)
     out = np.empty_like(images)
-    for i in range(b):
+
+    def one(i: int) -> None:
         x0 = int(ux[i] * (w - cw[i] + 1))
         y0 = int(uy[i] * (h - ch[i] + 1))
         crop = images[i, y0:y0 + ch[i], x0:x0 + cw[i]]
         if crop.shape[:2] != (h, w):
             crop = np.asarray(Image.fromarray(crop).resize((w, h), Image.Resampling.BILINEAR))
         out[i] = crop[:, ::-1] if flips[i] else crop
+
+    # All random draws are made above, so running the crops in threads (PIL releases the GIL while
+    # resizing) cannot change the result.
+    if (b >= 16) if parallel is None else parallel:
+        list(_augment_pool().map(one, range(b)))
+    else:
+        for i in range(b):
+            one(i)
     return out
+
+
+_AUG_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_AUG_POOL_LOCK = threading.Lock()
+
+
+def _augment_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _AUG_POOL
+    with _AUG_POOL_LOCK:
+        if _AUG_POOL is None:
+            _AUG_POOL = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="imat-augment")
+        return _AUG_POOL
 
 
 def four_rotations(images: np.ndarray) -> np.ndarray:

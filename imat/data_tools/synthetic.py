@@ -299,7 +299,8 @@ def _texture_mask(style: CategoryStyle, h: int, w: int, phase: float) -> np.ndar
     if style.texture == "solid" or min(h, w) < 6:
         return np.zeros((h, w), bool)
     period = max(3.0, min(h, w) / style.periods)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy = np.arange(h, dtype=np.float32)[:, None]  # broadcast: the results below are h x w
+    xx = np.arange(w, dtype=np.float32)[None, :]
     if style.texture == "stripes":
         t = xx * math.cos(style.angle) + yy * math.sin(style.angle) + phase * period
         return (np.floor(t / (period / 2)) % 2).astype(bool)
@@ -388,7 +389,8 @@ def _background(rng, h: int, w: int) -> np.ndarray:
     c1 = np.array(_hsv(rng.random(), rng.uniform(0, 0.22), rng.uniform(0.35, 0.97)), np.float32)
     c2 = np.array(_hsv(rng.random(), rng.uniform(0, 0.22), rng.uniform(0.35, 0.97)), np.float32)
     angle = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
     t = xx / max(w - 1, 1) * math.cos(angle) + yy / max(h - 1, 1) * math.sin(angle)
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     return c1 + (c2 - c1) * t[..., None]
@@ -451,13 +453,13 @@ def render_image(rng: np.random.Generator, height: int, width: int, valid_attrs:
             raise RuntimeError("more than 255 instances in one image")  # cannot happen with these templates
         _draw(canvas, label, idx, instances[-1], rng)
 
-    canvas += rng.normal(0.0, 4.0, canvas.shape).astype(np.float32)
+    canvas += 4.0 * rng.standard_normal(canvas.shape, dtype=np.float32)
     image = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), "RGB")
     if (h, w) != (height, width):
         image = image.resize((width, height), Image.BILINEAR)
         rows = np.minimum(((np.arange(height) + 0.5) * (h / height)).astype(np.intp), h - 1)
         cols = np.minimum(((np.arange(width) + 0.5) * (w / width)).astype(np.intp), w - 1)
-        label = label[rows[:, None], cols[None, :]]
+        label = label.take(rows, axis=0).take(cols, axis=1)
 
     min_area = max(MIN_VISIBLE_PIXELS, MIN_VISIBLE_FRACTION * height * width)
     out = []

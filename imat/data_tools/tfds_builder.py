@@ -124,9 +124,13 @@ def _decode_task(task: _Task) -> tuple[np.ndarray | None, tuple[int, int] | None
 def _make_executor(workers: int) -> concurrent.futures.Executor:
     """Processes (fork) when safe; threads when a multithreaded runtime (JAX) is loaded, where fork
     can deadlock. PIL releases the GIL while decoding and resizing, so threads still scale."""
+    if workers == 1:
+        return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="imat-decode")
     if "jax" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
         return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imat-decode")
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    pool.submit(int).result()   # with fork, the first submit forks every worker: do it now, not later
+    return pool
 
 
 def _ordered_map(executor, fn, items: Iterable, window: int) -> Iterator:
@@ -166,10 +170,11 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
     code_path = _ClassProperty(lambda cls: epath.Path(__file__))
 
     def __init__(self, *, seed: int = 0, val_fraction: float = 0.2, workers: int | None = None,
-                 strict: bool = False, source: kaggle.KaggleDataset | None = None, **kwargs):
+                 strict: bool = False, source: kaggle.KaggleDataset | None = None,
+                 executor: concurrent.futures.Executor | None = None, **kwargs):
         """seed/val_fraction: the train/validation split; workers: decode processes (default: all
         cores); strict: stop at the first problem; source: the manual dir already read (else it is
-        read in _split_generators)."""
+        read in _split_generators); executor: a decode pool to use (else one per split)."""
         self.seed = int(seed)
         self.val_fraction = float(val_fraction)
         self.workers = max(1, int(workers or os.cpu_count() or 1))
@@ -178,6 +183,7 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
         self.source_summary: str = ""
         self.labels = None
         self._source = source
+        self._executor = executor
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -229,13 +235,24 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
         labelled = split != "test"
         if labelled:   # ImageRecords
             tasks = [_Task(r.image_id, str(r.path), size, mode, need_size=False) for r in items]
-        else:          # paths of unlabelled images
-            tasks = [_Task(p.stem, str(p), size, mode, need_size=True) for p in items]
+        else:          # paths of unlabelled images: id = file stem (the file name if two stems clash)
+            stems = collections.Counter(p.stem for p in items)
+            tasks = [_Task(p.stem if stems[p.stem] == 1 else p.name, str(p), size, mode, need_size=True)
+                     for p in items]
+        if self._executor is not None:
+            yield from self._examples(self._executor, items, tasks, labelled, split)
+            return
+        pool = _make_executor(self.workers)
+        try:
+            yield from self._examples(pool, items, tasks, labelled, split)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)   # on failure, do not decode what is queued
+
+    def _examples(self, pool, items: list, tasks: list[_Task], labelled: bool, split: str):
         zeros_c = np.zeros(NUM_CATEGORIES, np.uint8)
         zeros_a = np.zeros(NUM_ATTRIBUTES, np.uint8)
         skipped = 0
-        with _make_executor(self.workers) as pool, tqdm(total=len(tasks), desc=f"decoding {split}",
-                                                         unit="img", disable=None) as bar:
+        with tqdm(total=len(tasks), desc=f"decoding {split}", unit="img", disable=None) as bar:
             results = _ordered_map(pool, _decode_task, tasks, window=self.workers * 16)
             for item, task, (image, hw, error) in zip(items, tasks, results):
                 bar.update(1)
@@ -345,6 +362,14 @@ def _swap_in(built: pathlib.Path, target: pathlib.Path) -> None:
         os.rename(built, target)
 
 
+class _QuietCustomConfig(logging.Filter):
+    """Drops TFDS's 'Using custom data configuration' warning: sizes other than 128 are custom
+    configs by design, not a mistake worth a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Using custom data configuration" not in record.getMessage()
+
+
 def prepare(root, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode: str = DEFAULT_RESIZE_MODE,
             workers: int | None = None, seed: int = 0, val_fraction: float = 0.2,
             strict: bool = False) -> pathlib.Path:
@@ -357,6 +382,8 @@ def prepare(root, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode:
     config = make_config(image_size, resize_mode)
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ConfigError(f"val_fraction={val_fraction!r}: give a fraction in [0, 1), e.g. 0.2 for 80/20")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed={seed!r}: give a non-negative integer seed for the train/validation split")
     if workers is not None and int(workers) < 1:
         raise ConfigError(f"workers={workers!r}: give a positive number of decode processes")
     root = pathlib.Path(root).expanduser().resolve()
@@ -383,12 +410,20 @@ def prepare(root, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode:
     source = kaggle.read_kaggle(root, strict=strict)   # user errors surface before any writing
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f"{_STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    # The decode pool is started before TFDS starts any writer thread, so forking it is safe.
+    pool = _make_executor(max(1, int(workers or os.cpu_count() or 1)))
     try:
         # TFDS wants the predefined configs by name and only other sizes as config objects.
         known = config.name in ImaterialistFashion2020.builder_configs
-        builder = ImaterialistFashion2020(
-            data_dir=str(staging), config=config.name if known else config, file_format="array_record",
-            seed=seed, val_fraction=val_fraction, workers=workers, strict=strict, source=source)
+        quiet = _QuietCustomConfig()
+        logging.getLogger("absl").addFilter(quiet)
+        try:
+            builder = ImaterialistFashion2020(
+                data_dir=str(staging), config=config.name if known else config, file_format="array_record",
+                seed=seed, val_fraction=val_fraction, workers=workers, strict=strict, source=source,
+                executor=pool)
+        finally:
+            logging.getLogger("absl").removeFilter(quiet)
         builder.download_and_prepare(
             download_dir=str(staging / "downloads"),
             download_config=tfds.download.DownloadConfig(manual_dir=str(root)),
@@ -408,6 +443,7 @@ def prepare(root, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode:
         _write_json(built / MANIFEST_NAME, manifest)
         _swap_in(built, target)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("prepared %s: %s (%d problems)", target,
                 ", ".join(f"{k} {v}" for k, v in splits.items()), len(builder.problems))

@@ -10,8 +10,10 @@ numpy; the JAX objective computes its own masks under jit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 
 import numpy as np
 
@@ -104,6 +106,7 @@ def mine_offline(
     thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS,
     chunk_size: int = 512,
     relax_negatives: bool = False,
+    workers: int | None = None,
 ) -> MinedTriplets:
     """One (anchor, positive, negative) per row of `labels` that has both, deterministic per seed.
 
@@ -116,42 +119,54 @@ def mine_offline(
     photos: shoes are everywhere) then takes its negative among the rows sharing the fewest
     categories with it, provided that is fewer than its positive shares (<= the threshold), so
     the triplet still orders the pair correctly. Off by default (the seed report's rule).
+    workers: threads over anchor chunks (default: up to 4); memory is about workers x chunk_size x
+    N x 10 bytes.
     """
     lab = _binary(labels)
     n = lab.shape[0]
     if lab.shape[1] > np.iinfo(np.int16).max:
         raise ValueError(f"{lab.shape[1]} label columns: more than the int16 shared counts can hold")
     u_pos, u_neg = _draws(seed, n)
-    anchors, positives, negatives, levels = [], [], [], []
-    dropped_pos = dropped_neg = 0
-    for start in range(0, n, max(1, chunk_size)):
+    big = np.iinfo(np.int16).max
+    order = sorted(thresholds)
+
+    def chunk(start: int):
         stop = min(n, start + chunk_size)
         rows = np.arange(start, stop)
         # [C, N], never N x N; exact small integers (int16: half the memory traffic of int32).
         shared = (lab[start:stop] @ lab.T).astype(np.int16)
         shared[np.arange(stop - start), rows] = -1                   # an image is not its own pair
         best = shared.max(axis=1)
-        # Highest threshold below the best overlap, i.e. the strictest level that has a candidate.
+        # The strictest threshold that still has a candidate (-1: no positive at all).
         level = np.full(stop - start, -1, dtype=np.int16)
-        for t in sorted(thresholds):
-            level = np.where(best > t, t, level)
+        for t in order:
+            level = np.where(best > t, t, level).astype(np.int16)
         has_pos = level >= 0
         pos_idx, _ = _pick(shared > level[:, None], u_pos[start:stop])
         if relax_negatives:
-            others = np.where(shared < 0, np.iinfo(np.int16).max, shared)
-            neg_level = others.min(axis=1)                            # 0 whenever a strict negative exists
-            neg_ok = neg_level <= level
-            neg_idx, neg_count = _pick(shared == np.where(neg_ok, neg_level, -2)[:, None], u_neg[start:stop])
+            neg_level = np.where(shared < 0, big, shared).min(axis=1)   # 0 whenever a strict negative exists
+            wanted = np.where(neg_level <= level, neg_level, -2).astype(np.int16)
+            neg_idx, neg_count = _pick(shared == wanted[:, None], u_neg[start:stop])
         else:
             neg_idx, neg_count = _pick(shared == 0, u_neg[start:stop])
         has_neg = neg_count > 0
-        dropped_pos += int((~has_pos).sum())
-        dropped_neg += int((has_pos & ~has_neg).sum())
         keep = has_pos & has_neg
-        anchors.append(rows[keep])
-        positives.append(pos_idx[keep])
-        negatives.append(neg_idx[keep])
-        levels.append(level[keep])
+        return (rows[keep], pos_idx[keep], neg_idx[keep], level[keep],
+                int((~has_pos).sum()), int((has_pos & ~has_neg).sum()))
+
+    # numpy releases the GIL in the matrix product, comparisons and cumsum: chunks run in threads.
+    # Results come back in chunk order and the draws are fixed up front, so threads change nothing.
+    chunk_size = max(1, int(chunk_size))
+    starts = range(0, n, chunk_size)
+    threads = max(1, min(int(workers or os.cpu_count() or 1), 4, len(starts)))
+    if threads == 1:
+        results = [chunk(s) for s in starts]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+            results = list(pool.map(chunk, starts))
+    anchors, positives, negatives, levels = ([r[i] for r in results] for i in range(4))
+    dropped_pos = sum(r[4] for r in results)
+    dropped_neg = sum(r[5] for r in results)
     if dropped_pos or dropped_neg:
         logger.info(
             "offline triplets: %d of %d anchors dropped (%d without any positive, %d without a negative)",

@@ -56,7 +56,7 @@ HNSW_EF_SEARCH = 256
 HNSW_EF_CONSTRUCTION = 120  # clustered galleries (fashion) need more than the default 40 to stay connected
 IVF_MIN_NPROBE = 16
 GPU_MIN_COUNT = 100_000  # below this a CPU scan is faster than the host<->device copies
-TRAIN_SAMPLE_MAX = 100_000
+TRAIN_SAMPLE_MAX = 65_536  # = 256 centroids x 256 points, what FAISS k-means samples for PQ anyway
 SIDECAR_KEYS = (
     "format_version",
     "index_type",
@@ -244,7 +244,9 @@ def build_faiss_index(vectors: np.ndarray, index_type: str, *, seed: int = 0, us
         logger.info("building %s on CPU (%d vectors, dim %d)", index_type, n, d)
     if not work.is_trained:
         rng = np.random.default_rng(seed)
-        sample = x if n <= TRAIN_SAMPLE_MAX else x[np.sort(rng.choice(n, TRAIN_SAMPLE_MAX, replace=False))]
+        # k-means wants >= 39 points per centroid; more than ~64 per centroid buys little.
+        sample_size = max(TRAIN_SAMPLE_MAX, 64 * (_ivf_nlist_of(index_type) or 0))
+        sample = x if n <= sample_size else x[np.sort(rng.choice(n, sample_size, replace=False))]
         work.train(sample)
     work.add(x)
     if gpu:

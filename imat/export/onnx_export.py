@@ -306,8 +306,9 @@ def export_run_report(run_dir, out_path, step: int | None = None, *, tolerance: 
     image_size = int(config["image_size"])
     names = _category_names(run_dir, config, model)
     extra = {"source_run": run_dir.resolve().name}
-    if step is not None:
-        extra["checkpoint_step"] = str(int(step))
+    restored_step = config.get("checkpoint_step", step)
+    if restored_step is not None:
+        extra["checkpoint_step"] = str(int(restored_step))
     return export_onnx_report(
         model, out_path, image_size=image_size, objective=objective,
         resize_mode=config.get("resize_mode") or "stretch", category_names=names, extra_metadata=extra,

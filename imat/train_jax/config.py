@@ -54,7 +54,8 @@ class TrainConfig:
     num_classes: int = NUM_CATEGORIES
     margin: float = 0.2
     mining: str = "batch_hard"
-    positive_threshold: float = 0.5
+    positive_threshold: float = 0.5  # Jaccard: triplet positive and retrieval relevance
+    negative_threshold: float = 0.25  # Jaccard below this (or no shared category): triplet negative
     init: str | None = None  # ImageNet safetensors to initialise the backbone
     depthwise: str = "auto"
     augment: bool = False
@@ -71,7 +72,8 @@ class TrainConfig:
 
     def objective_kwargs(self) -> dict[str, Any]:
         if self.objective == "triplet":
-            return {"margin": self.margin, "mining": self.mining, "positive_threshold": self.positive_threshold}
+            return {"margin": self.margin, "mining": self.mining, "positive_threshold": self.positive_threshold,
+                    "negative_threshold": self.negative_threshold}
         return {}
 
     def validate(self) -> "TrainConfig":
@@ -107,6 +109,8 @@ class TrainConfig:
             bad("--margin", f"{self.margin!r} must be >= 0")
         if not (0 < self.positive_threshold <= 1):
             bad("positive_threshold", f"{self.positive_threshold!r} must be in (0, 1]")
+        if not (0 <= self.negative_threshold <= self.positive_threshold):
+            bad("negative_threshold", f"{self.negative_threshold!r} must be in [0, positive_threshold]")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             bad("--seed", f"{self.seed!r} must be an integer")
         if self.init is not None and not pathlib.Path(self.init).is_file():

@@ -133,7 +133,10 @@ def timm_mobilenetv2_to_torchvision(state: Mapping[str, np.ndarray]) -> dict[str
     stage_sizes = [n for _, _, n, _ in INVERTED_RESIDUAL_SETTING]
     first_index = np.cumsum([0] + stage_sizes)  # timm blocks.S.B -> torchvision features.(first_index[S]+B+1)
     ds = {"conv_dw": "conv.0.0", "bn1": "conv.0.1", "conv_pw": "conv.1", "bn2": "conv.2"}
-    ir = {"conv_pw": "conv.0.0", "bn1": "conv.0.1", "conv_dw": "conv.1.0", "bn2": "conv.1.1", "conv_pwl": "conv.2", "bn3": "conv.3"}
+    ir = {
+        "conv_pw": "conv.0.0", "bn1": "conv.0.1", "conv_dw": "conv.1.0", "bn2": "conv.1.1",
+        "conv_pwl": "conv.2", "bn3": "conv.3",
+    }
     out: dict[str, np.ndarray] = {}
     for key, value in state.items():
         new = key

@@ -201,6 +201,9 @@ def test_augmentation_keeps_shape_dtype_and_is_seeded(train):
     assert np.array_equal(same, images)
     flipped = augment_batch(images, np.random.default_rng(1), scale=(1, 1), ratio=(1, 1))
     assert all(np.array_equal(f, x) or np.array_equal(f, x[:, ::-1]) for f, x in zip(flipped, images))
+    many = train.images(np.arange(20))
+    assert np.array_equal(augment_batch(many, np.random.default_rng(5), parallel=True),
+                          augment_batch(many, np.random.default_rng(5), parallel=False))
     plain = make_pipeline("classification", train, batch_size=4, seed=0).batch(0)
     augd = make_pipeline("classification", train, batch_size=4, seed=0, augment=True).batch(0)
     assert np.array_equal(plain["categories"], augd["categories"]) and not np.array_equal(plain["images"], augd["images"])
@@ -215,3 +218,11 @@ def test_bad_options(train):
         make_pipeline("classification", train, batch_size=100, seed=0)
     with pytest.raises(ConfigError, match="at least 2"):
         make_pipeline("triplet", train, batch_size=1, seed=0)
+
+
+def test_grain_can_use_the_split_as_a_source(train):
+    import grain
+
+    ds = grain.MapDataset.source(train).map(lambda ex: ex["image"][::2, ::2])
+    assert len(ds) == train.num_examples
+    assert np.array_equal(ds[3], train.images([3])[0][::2, ::2])

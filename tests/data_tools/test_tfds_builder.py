@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -191,6 +192,7 @@ def test_real_smoke(real_smoke, tmp_path):
     ({"resize_mode": "squash"}, "resize_mode"),
     ({"val_fraction": 1.0}, "val_fraction"),
     ({"workers": 0}, "workers"),
+    ({"seed": -1}, "seed"),
 ])
 def test_bad_options(synthetic_root, tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -204,3 +206,57 @@ def test_missing_root_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="label_descriptions.json"):
         tfds_builder.prepare(tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_default_options_use_the_predefined_config(synthetic_root, tmp_path):
+    d = tfds_builder.prepare(synthetic_root, tmp_path / "out", workers=2)   # 128, stretch: a BUILDER_CONFIG
+    assert d.parts[-2] == "s128_stretch"
+    val = PreparedSplit.open(d, "validation")
+    records = {r.image_id: r for r in read_kaggle(synthetic_root).records}
+    for i in (0, len(val) - 1):
+        np.testing.assert_array_equal(val.images([i])[0], decode_image(records[val.image_ids[i]].path, 128, "stretch"))
+
+
+def test_killed_prepare_leaves_the_earlier_dataset_readable(real_smoke, tmp_path):
+    out = tmp_path / "out"
+    d = tfds_builder.prepare(real_smoke, out, image_size=SIZE, workers=1, seed=0)
+    before = PreparedSplit.open(d, "train")
+    code = ("from imat.data_tools.tfds_builder import prepare; "
+            f"prepare({str(real_smoke)!r}, {str(out)!r}, image_size={SIZE}, workers=1, seed=1)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill it as soon as TFDS has started writing into its staging folder.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and child.poll() is None:
+            if any(out.glob(".imat-staging-*/imaterialist_fashion2020/*/*incomplete*")):
+                break
+            time.sleep(0.01)
+        killed = child.poll() is None
+        child.kill()
+    finally:
+        child.wait()
+    after = PreparedSplit.open(d, "train")
+    if killed:
+        assert after.image_ids == before.image_ids
+        assert json.loads((d / tfds_builder.MANIFEST_NAME).read_text())["seed"] == 0
+        assert any(out.glob(".imat-staging-*")), "the killed run should have left its staging folder"
+    # The next prepare cleans up after the dead one and does its job.
+    assert tfds_builder.prepare(real_smoke, out, image_size=SIZE, workers=1, seed=1) == d
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert json.loads((d / tfds_builder.MANIFEST_NAME).read_text())["seed"] == 1
+    assert killed, "prepare finished before it could be killed; the kill was not exercised"
+
+
+def test_decode_pool_uses_processes_unless_jax_is_loaded():
+    import concurrent.futures
+
+    pool = tfds_builder._make_executor(2)
+    try:
+        expected = (concurrent.futures.ThreadPoolExecutor if "jax" in sys.modules
+                    else concurrent.futures.ProcessPoolExecutor)
+        assert isinstance(pool, expected)
+        task = tfds_builder._Task("x", "/nonexistent.jpg", 8, "stretch", need_size=False)
+        image, hw, error = pool.submit(tfds_builder._decode_task, task).result()
+        assert image is None and "not found" in error   # bad files are reported, never raised
+    finally:
+        pool.shutdown()

@@ -71,6 +71,8 @@ def test_offline_constraints_and_determinism():
     a, p, n = triplets.offline_triplets(labels, seed=11, chunk_size=64)
     a2, p2, n2 = triplets.offline_triplets(labels, seed=11, chunk_size=1000)
     assert np.array_equal(a, a2) and np.array_equal(p, p2) and np.array_equal(n, n2)
+    one = triplets.mine_offline(labels, seed=11, chunk_size=64, workers=1)   # threads change nothing
+    assert np.array_equal(a, one.anchors) and np.array_equal(p, one.positives) and np.array_equal(n, one.negatives)
     a3, p3, _ = triplets.offline_triplets(labels, seed=12)
     assert not (np.array_equal(a, a3) and np.array_equal(p, p3))
     sets = _sets(labels)

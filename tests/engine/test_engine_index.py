@@ -90,7 +90,7 @@ def test_k_is_clamped_to_the_gallery_size():
         idx.search(x[:1], 0)
 
 
-@pytest.mark.parametrize("index_type", ["HNSW32,Flat", "IVF100,Flat", "IVF100,PQ16"])
+@pytest.mark.parametrize("index_type", ["HNSW32,Flat", "IVF100,Flat"])
 def test_approximate_indexes_reach_recall(index_type):
     x = clustered(10_000, 32, 0)
     q = clustered(200, 32, 1)
@@ -98,13 +98,21 @@ def test_approximate_indexes_reach_recall(index_type):
     _, ids = index.search(q, 10)
     _, truth = brute_force(x, q, 10)
     r10 = recall_at(ids, truth)  # 10-recall@10: overlap of the top 10 with the exact top 10
-    r1 = np.mean([t[0] in f for f, t in zip(ids, truth)])  # 1-recall@10: exact nearest found in top 10
-    if "PQ" in index_type:
-        # PQ codes are lossy by design (16 bytes for 128 bytes of floats): the exact nearest
-        # neighbour is still found, the order of the rest of the top 10 is approximate.
-        assert r1 >= 0.95 and r10 >= 0.75, (r1, r10)
-    else:
-        assert r10 >= 0.95 and r1 >= 0.95, (r1, r10)
+    assert r10 >= 0.95, r10
+
+
+def test_ivf_pq_reaches_recall():
+    # PQ training (k-means per sub-space) is the slow part on a shared CPU: keep it small.
+    x = clustered(3000, 16, 0)
+    q = clustered(200, 16, 1)
+    index = ix.build_faiss_index(x, "IVF50,PQ8")
+    _, ids = index.search(q, 10)
+    _, truth = brute_force(x, q, 10)
+    r1 = np.mean([t[0] in f for f, t in zip(ids, truth)])  # 1-recall@10: exact nearest found in the top 10
+    r10 = recall_at(ids, truth)
+    # PQ codes are lossy by design (8 bytes for 64 bytes of floats): the exact nearest neighbour
+    # is found, the order of the rest of the top 10 is approximate.
+    assert r1 >= 0.95 and r10 >= 0.75, (r1, r10)
 
 
 def test_bad_user_index_types_are_config_errors():

@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from export_helpers import make_run, randomize
 from flax import nnx
-
-
-def randomize(model: nnx.Module, seed: int = 0) -> nnx.Module:
-    """Random BatchNorm running stats/affine and Linear biases, so a wrong fold or epsilon shows."""
-    rng = np.random.default_rng(seed)
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, nnx.BatchNorm):
-            n = module.mean.get_value().shape[0]
-            module.mean.set_value(rng.normal(0.0, 0.5, n).astype(np.float32))
-            module.var.set_value(rng.uniform(0.3, 2.0, n).astype(np.float32))
-            module.scale.set_value(rng.uniform(0.5, 1.5, n).astype(np.float32))
-            module.bias.set_value(rng.normal(0.0, 0.3, n).astype(np.float32))
-        elif isinstance(module, nnx.Linear) and module.bias is not None:
-            n = module.bias.get_value().shape[0]
-            module.bias.set_value(rng.normal(0.0, 0.5, n).astype(np.float32))
-    return model
 
 
 @pytest.fixture
@@ -39,3 +23,10 @@ def category_names():
     from imat.data_tools.labels import LabelSpace
 
     return list(LabelSpace.default().category_names)
+
+
+@pytest.fixture(scope="module")
+def bce_run(tmp_path_factory):
+    """(run_dir, {step: model}) for a resnet_tiny bce run at 32 px with checkpoints 2 and 5."""
+    run_dir = tmp_path_factory.mktemp("run") / "bce"
+    return run_dir, make_run(run_dir)

@@ -37,3 +37,11 @@ def test_exported_model_matches_torchvision(tmp_path, torchvision_ref, arch):
     np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-want)), atol=1e-5)
     # The same class ranking as torch (top-5 per image).
     np.testing.assert_array_equal(np.argsort(-logits, axis=1)[:, :5], np.argsort(-want, axis=1)[:, :5])
+
+    # Rotation-objective export: the embedding is torch's pooled features, L2-normalised.
+    rot = export_onnx_report(model, tmp_path / f"{arch}_rot.onnx", image_size=images.shape[1], objective="rotation",
+                             category_names=[])
+    (emb,) = ort.InferenceSession(str(rot.path), providers=["CPUExecutionProvider"]).run(["embedding"], {"images": images})
+    pooled = expected["pooled"].astype(np.float64)
+    want_emb = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    assert np.max(np.abs(emb - want_emb)) / np.max(np.abs(want_emb)) < 1e-4

@@ -197,6 +197,16 @@ def test_depthwise_formulations_are_equal(stride, size):
         out = np.asarray(out)
         assert out.shape == ref.shape
         assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-5
+    # Training sees the same gradients (w.r.t. the shared kernel and the input) either way.
+    r = jax.random.normal(jax.random.key(1), ref.shape)
+    def grouped_conv(k, x):
+        return jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5)
+
+    gk_s, gx_s = jax.grad(lambda k, x: jnp.sum(depthwise_shifted(x, k, stride, 1) * r), (0, 1))(grouped.kernel[...], x)
+    gk_g, gx_g = jax.grad(lambda k, x: jnp.sum(grouped_conv(k, x) * r), (0, 1))(grouped.kernel[...], x)
+    for a, b in ((gk_s, gk_g), (gx_s, gx_g)):
+        assert np.abs(np.asarray(a - b)).max() / np.abs(np.asarray(b)).max() <= 1e-5
 
 
 def test_depthwise_auto_and_switching():

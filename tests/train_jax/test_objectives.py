@@ -32,10 +32,11 @@ def _sets(y):
     return [set(np.flatnonzero(row >= 0.5)) for row in y]
 
 
-def _rel(sa, sb, threshold=0.5):
+def _rel(sa, sb, threshold=0.5, negative_threshold=0.25):
     union = len(sa | sb)
-    pos = union > 0 and len(sa & sb) / union >= threshold
-    neg = len(sa & sb) == 0
+    jac = len(sa & sb) / union if union else 0.0
+    pos = union > 0 and jac >= threshold
+    neg = len(sa & sb) == 0 or jac < negative_threshold
     return pos, neg
 
 
@@ -175,13 +176,26 @@ def test_no_active_triplets_gives_zero_loss_and_finite_grads(mining):
 
 
 def test_relevance_masks_are_multilabel_jaccard():
-    y = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1], [0, 0, 1, 1]], np.float32)
-    pos, neg = triplet_mod.relevance_masks(jnp.asarray(y), 0.5)
+    y = np.array(
+        [
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 0, 0, 1, 0, 0],
+            [0, 0, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [0, 0, 0, 1, 1, 1],
+        ],
+        np.float32,
+    )
+    pos, neg = triplet_mod.relevance_masks(jnp.asarray(y), 0.5, 0.25)
     pos, neg = np.asarray(pos), np.asarray(neg)
     assert pos[0, 1] and pos[1, 0]  # {0,1} vs {0,1,2}: J = 2/3
-    assert not pos[0, 2] and not neg[0, 2]  # {0,1} vs {0,3}: J = 1/3, shares one -> neither
-    assert neg[0, 3] and neg[3, 0]
+    assert not pos[0, 2] and not neg[0, 2]  # {0,1} vs {0,3}: J = 1/3 -> neither
+    assert neg[0, 3] and neg[3, 0]  # share nothing
+    assert not neg[1, 3] and not pos[1, 3]  # {0,1,2} vs {2,3}: J = 1/4, not below 0.25 -> neither
+    assert neg[4, 5]  # {0,1,2,3} vs {3,4,5}: share one, J = 1/6 < 0.25 -> negative
     assert not pos.diagonal().any() and not neg.diagonal().any()
+    assert not (pos & neg).any()
 
 
 def test_triplet_loss_gradient_reduces_loss():

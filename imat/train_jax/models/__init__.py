@@ -34,7 +34,9 @@ HEAD_NAMES = ("embedding_head", "rotation_head")
 
 def _resnet(arch: str, *, num_classes, embedding_dim, rotation_head, depthwise, rngs):
     del depthwise  # ResNets have no depthwise convs
-    return build_resnet(arch, num_classes=num_classes, embedding_dim=embedding_dim, rotation_head=rotation_head, rngs=rngs)
+    return build_resnet(
+        arch, num_classes=num_classes, embedding_dim=embedding_dim, rotation_head=rotation_head, rngs=rngs
+    )
 
 
 def _mobilenet_v2(*, num_classes, embedding_dim, rotation_head, depthwise, rngs, width_mult=1.0):

@@ -5,8 +5,12 @@ Distance: squared Euclidean between unit vectors, ``d = 2 - 2 cos`` (in [0, 4]).
 Relevance (multi-label aware): for two different images with category sets A and B,
 * positive: Jaccard ``|A & B| / |A | B| >= positive_threshold`` (default 0.5), so
   "shares most of its garments", not "shares one belt";
-* negative: ``A & B`` is empty (shares no category).
-Pairs in between are neither and never used. An image is never its own positive.
+* negative: Jaccard ``< negative_threshold`` (default 0.25); sharing no category
+  is always negative. The seed report's "shares no category" alone is not enough:
+  on street photos (and the synthetic data) shoes are in nearly every image, so
+  almost no pair shares nothing and in-batch mining would find no negative.
+Pairs in between (e.g. sharing 1 of 3 garments) are neither and never used. An
+image is never its own positive or negative.
 The same Jaccard >= 0.5 rule defines relevance for retrieval mAP (metrics.py).
 
 Mining (all fixed-shape masks, so everything jits):
@@ -38,6 +42,7 @@ import jax.numpy as jnp
 MINING = ("batch_hard", "semi_hard", "offline")
 DEFAULT_MARGIN = 0.2
 DEFAULT_POSITIVE_THRESHOLD = 0.5
+DEFAULT_NEGATIVE_THRESHOLD = 0.25
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -52,7 +57,11 @@ def pairwise_sq_distances(embeddings: jax.Array) -> jax.Array:
     return d * (1.0 - jnp.eye(e.shape[0], dtype=d.dtype))
 
 
-def relevance_masks(categories: jax.Array, positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD):
+def relevance_masks(
+    categories: jax.Array,
+    positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD,
+    negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD,
+):
     """(positive, negative) boolean BxB masks from multi-hot category rows (see module doc)."""
     c = (categories >= 0.5).astype(jnp.float32)
     inter = c @ c.T
@@ -61,7 +70,7 @@ def relevance_masks(categories: jax.Array, positive_threshold: float = DEFAULT_P
     jaccard = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 0.0)
     not_self = ~jnp.eye(c.shape[0], dtype=bool)
     positive = (jaccard >= positive_threshold) & not_self
-    negative = (inter == 0) & not_self
+    negative = ((inter == 0) | (jaccard < negative_threshold)) & not_self
     return positive, negative
 
 
@@ -119,6 +128,7 @@ def loss_and_metrics(
     margin: float = DEFAULT_MARGIN,
     mining: str = "batch_hard",
     positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD,
+    negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD,
     **_unused,
 ) -> tuple:
     """Triplet loss with the chosen mining; see the module docstring for definitions."""
@@ -136,7 +146,7 @@ def loss_and_metrics(
         correct = jnp.sum(d_ap < d_an).astype(jnp.float32)
         count = jnp.asarray(n, jnp.float32)
     else:
-        positive, negative = relevance_masks(batch["categories"], positive_threshold)
+        positive, negative = relevance_masks(batch["categories"], positive_threshold, negative_threshold)
         miner = batch_hard if mining == "batch_hard" else semi_hard
         loss, n_active, n_valid = miner(d, positive, negative, margin)
         correct, count = _all_triplet_accuracy(jax.lax.stop_gradient(d), positive, negative)

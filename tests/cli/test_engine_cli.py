@@ -1,0 +1,139 @@
+"""`imat index`, `imat search`, `imat eval` through the real entry point; user mistakes are one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from imat.cli.main import main
+
+
+def _load_test_models():
+    # The engine tests' model builder, loaded by path (tests/ is not a package).
+    path = pathlib.Path(__file__).resolve().parents[1] / "engine" / "tiny_onnx.py"
+    spec = importlib.util.spec_from_file_location("imat_engine_tiny_onnx", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_tiny = _load_test_models()
+build_tiny_model, write_photos = _tiny.build_tiny_model, _tiny.write_photos
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = build_tiny_model(root / "model.onnx")
+    other = build_tiny_model(root / "other.onnx", seed=5)
+    photos = root / "photos"
+    write_photos(photos, 8)
+    (photos / "notes.txt").write_text("not an image")
+    queries = root / "queries"
+    write_photos(queries, 3, seed=3)
+    (queries / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (queries / "readme.md").write_text("hi")
+    return {"root": root, "model": model, "other": other, "photos": photos, "queries": queries}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("imat: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_index_search_eval_happy_path(setup, capsys, tmp_path):
+    s = setup
+    rc = main(["index", "--model", str(s["model"]), "--images", str(s["photos"]), "--out", str(tmp_path / "idx"),
+               "--batch-size", "3", "--threads", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "indexed 8 images" in captured.out and "images/s" in captured.out
+    assert "skipped 1 non-image files (e.g. notes.txt)" in captured.err
+
+    out = tmp_path / "res.jsonl"
+    rc = main(["search", "--model", str(s["model"]), "--index", str(tmp_path / "idx"), "--batch", str(s["queries"]),
+               "--k", "3", "--out", str(out), "--html", str(tmp_path / "r.html")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 4  # 3 good + the corrupt one; readme.md skipped
+    errors = [r for r in records if "error" in r]
+    assert len(errors) == 1 and errors[0]["query"].endswith("broken.jpg")
+    assert all(len(r["results"]) == 3 for r in records if "error" not in r)
+    assert "1 errors" in captured.out and "readme.md" in captured.err
+    html = (tmp_path / "r.html").read_text()
+    assert all(r["query"] in html for r in records)
+
+    # single query images given as arguments; a non-image argument is skipped with a note
+    rc = main(["search", "--model", str(s["model"]), "--index", str(tmp_path / "idx"),
+               str(s["photos"] / "img_000.jpg"), str(s["photos"] / "notes.txt"), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0 and "notes.txt" in captured.err
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["results"][0]["id"] == "img_000"
+
+
+def test_kaggle_folder_index_and_eval(setup, capsys, tmp_path):
+    from imat.data_tools.synthetic import write_synthetic
+
+    ds = write_synthetic(tmp_path / "ds", 16, seed=1, min_side=48, max_side=80, large_fraction=0.0)
+    rc = main(["index", "--model", str(setup["model"]), "--images", str(ds), "--out", str(tmp_path / "idx")])
+    assert rc == 0, capsys.readouterr().err
+    items = [json.loads(x) for x in (tmp_path / "idx" / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 16 and all("categories" in it and len(it["id"]) == 32 for it in items)
+    capsys.readouterr()
+    rc = main(["eval", "--model", str(setup["model"]), "--images", str(ds), "--k", "4", "--json",
+               str(tmp_path / "m.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for key in ("map@4", "precision@4", "recall@4", "ndcg@4", "f1_macro_neighbours", "f1_micro_model", "random"):
+        assert key in out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["k"] == 4 and "baseline" in metrics
+
+
+def test_empty_folder_is_one_line(setup, capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["index", "--model", str(setup["model"]), "--images", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "idx")]) == 1
+    assert "empty: no image files found" in one_error_line(capsys)
+
+
+def test_missing_model_is_one_line(setup, capsys, tmp_path):
+    assert main(["index", "--model", str(tmp_path / "missing.onnx"), "--images", str(setup["photos"]),
+                 "--out", str(tmp_path / "idx")]) == 1
+    assert "missing.onnx: model file not found" in one_error_line(capsys)
+
+
+def test_model_index_mismatch_is_one_line(setup, capsys, tmp_path):
+    assert main(["index", "--model", str(setup["model"]), "--images", str(setup["photos"]),
+                 "--out", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    assert main(["search", "--model", str(setup["other"]), "--index", str(tmp_path / "idx"),
+                 str(setup["photos"] / "img_000.jpg"), "--out", str(tmp_path / "r.jsonl")]) == 1
+    line = one_error_line(capsys)
+    assert "built by a different model" in line and "other.onnx" in line
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_missing_index_and_bad_query_arguments_are_one_line(setup, capsys, tmp_path):
+    assert main(["search", "--model", str(setup["model"]), "--index", str(tmp_path / "noidx"),
+                 str(setup["photos"] / "img_000.jpg"), "--out", str(tmp_path / "r.jsonl")]) == 1
+    assert "noidx: index folder not found" in one_error_line(capsys)
+    assert main(["search", "--model", str(setup["model"]), "--index", str(tmp_path / "noidx"),
+                 "--out", str(tmp_path / "r.jsonl")]) == 1
+    assert "either --batch" in one_error_line(capsys)
+    assert main(["eval", "--model", str(setup["model"]), "--images", str(setup["photos"])]) == 1
+    assert "no train.csv" in one_error_line(capsys)
+
+
+def test_bad_index_type_is_one_line(setup, capsys, tmp_path):
+    assert main(["index", "--model", str(setup["model"]), "--images", str(setup["photos"]),
+                 "--out", str(tmp_path / "idx"), "--index-type", "IVF4096,Flat"]) == 1
+    assert "needs at least 4096 vectors" in one_error_line(capsys)

@@ -1,0 +1,61 @@
+"""export_run: a training run's checkpoint (train_jax's CheckpointStore format) -> model.onnx."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from export_helpers import make_run
+
+from imat.errors import ModelError
+from imat.export.onnx_export import export_onnx_report, export_run, export_run_report, read_metadata
+from imat.export.validate import random_images
+
+
+def _fingerprint(model, tmp_path, objective="bce"):
+    from imat.data_tools.labels import LabelSpace
+
+    return export_onnx_report(model, tmp_path / "direct.onnx", image_size=32, objective=objective,
+                              category_names=LabelSpace.default().category_names, validate=False).fingerprint
+
+
+def test_export_run_latest_and_given_step(tmp_path, bce_run):
+    run_dir, models = bce_run
+    out = export_run(run_dir, tmp_path / "latest.onnx")
+    meta = read_metadata(out)
+    assert meta["architecture"] == "resnet_tiny" and meta["objective"] == "bce"
+    assert meta["image_size"] == 32 and meta["embedding_dim"] == 16
+    assert meta["outputs"] == ["embedding", "probabilities"]
+    assert meta["category_names"][0] == "shirt, blouse" and len(meta["category_names"]) == 46
+    assert meta["checkpoint_step"] == "5"
+    # The restored weights are exactly the ones saved at that step.
+    assert meta["fingerprint"] == _fingerprint(models[5], tmp_path)
+
+    report = export_run_report(run_dir, tmp_path / "step2.onnx", step=2)
+    assert read_metadata(report.path)["checkpoint_step"] == "2"
+    assert report.fingerprint == _fingerprint(models[2], tmp_path) != meta["fingerprint"]
+    assert report.parity.max_relative < 1e-5
+
+
+def test_export_run_rotation(tmp_path):
+    run_dir = tmp_path / "rot"
+    make_run(run_dir, objective="rotation", steps=(1,))
+    out = export_run(run_dir, tmp_path / "m.onnx")
+    meta = read_metadata(out)
+    assert meta["outputs"] == ["embedding"] and meta["embedding_source"] == "pooled"
+    assert meta["embedding_dim"] == 64
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (emb,) = sess.run(["embedding"], {"images": random_images(3, 32)})
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_export_run_errors(tmp_path, bce_run):
+    run_dir, _ = bce_run
+    with pytest.raises(ModelError, match="does not exist"):
+        export_run(tmp_path / "nope", tmp_path / "m.onnx")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="config.json"):
+        export_run(tmp_path / "empty", tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match="step 3"):
+        export_run(run_dir, tmp_path / "m.onnx", step=3)
+    assert not (tmp_path / "m.onnx").exists()
