@@ -52,16 +52,16 @@ def main(argv=None) -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--types", default=None, help="comma-free list separated by ';' (default: Flat;HNSW32,Flat;IVF..,PQ..)")
+    ap.add_argument("--types", default=None, help="factory strings separated by ';' (default: Flat;HNSW32,Flat;IVF..,SQ8;IVF..,PQ..)")
     args = ap.parse_args(argv)
     logging.getLogger("faiss").setLevel(logging.WARNING)
     import faiss
 
     x = clustered(args.n, args.dim, args.seed)
     q = clustered(args.queries, args.dim, args.seed + 1)
-    auto_large = ix.choose_index_type(2_000_000, args.dim)  # what 'auto' picks past the HNSW range
-    m = auto_large.split("PQ")[1]
-    types = args.types.split(";") if args.types else ["Flat", "HNSW32,Flat", f"IVF{ix.ivf_nlist(args.n)},PQ{m}"]
+    nlist, m = ix.ivf_nlist(args.n), ix.pq_m(args.dim, args.dim // 4)  # as `auto` picks them
+    types = args.types.split(";") if args.types else [
+        "Flat", "HNSW32,Flat", f"IVF{nlist},SQ8", f"IVF{nlist},PQ{m}"]
     print(f"gallery {args.n} x {args.dim} (clustered, unit norm), {args.queries} queries, k={args.k}, "
           f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; auto for this n = "
           f"{ix.choose_index_type(args.n, args.dim)}")

@@ -15,7 +15,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
-import pathlib
 import sys
 import time
 from typing import Any, Sequence
@@ -199,10 +198,3 @@ def embed_items(
         timings=timings,
     )
 
-
-def is_path_like(item: Any) -> bool:
-    return isinstance(item, (str, os.PathLike))
-
-
-def path_of(item: Any) -> str | None:
-    return str(pathlib.Path(item)) if is_path_like(item) else None

@@ -19,7 +19,7 @@ from imat.engine.evaluate import evaluate_embeddings
 from imat.engine.index import GalleryIndex
 from imat.engine.search import search_records
 from imat.engine.session import ModelSession
-from imat.errors import ConfigError, DataError, ImatError, IndexFileError
+from imat.errors import ConfigError, DataError, IndexFileError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Engine:
         return result.embeddings, result.errors
 
     def embed(self, items: Sequence[Any]) -> np.ndarray:
-        """float32[N,D]; raises ImageDecodeError-like ImatError naming the first bad item."""
+        """float32[N,D]; raises DataError (an ImatError) naming the first bad item when any fails."""
         result = self.embed_result(items)
         if result.errors:
             first = result.errors[0]
@@ -265,4 +265,4 @@ class Engine:
         return probabilities[:, [col[n] for n in names]]
 
 
-__all__ = ["Engine", "EmbedError", "item_label"]
+__all__ = ["Engine", "EmbedError", "item_label", "default_item_id"]

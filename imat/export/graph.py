@@ -239,7 +239,9 @@ class GraphBuilder:
         kernel_hwio = np.asarray(kernel_hwio)
         kh, kw, cin_g, c_out = kernel_hwio.shape
         if cin_g * groups != c_in:
-            raise ValueError(f"{name}: kernel {kernel_hwio.shape} with groups={groups} does not fit {c_in} input channels")
+            raise ValueError(
+                f"{name}: kernel {kernel_hwio.shape} with groups={groups} does not fit {c_in} input channels"
+            )
         strides, dilations = _pair(strides), _pair(dilations)
         (pt, pb), (pl, pr) = resolve_padding(padding, (h, w), (kh, kw), strides, dilations)
         weight = np.transpose(kernel_hwio, (3, 2, 0, 1))  # HWIO -> OIHW

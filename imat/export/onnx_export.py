@@ -80,17 +80,21 @@ def export_onnx(
     include_logits: bool = False,
     tolerance: float = parity.DEFAULT_TOLERANCE,
     validation_images: np.ndarray | None = None,
+    fold_batchnorm: bool = True,
 ) -> pathlib.Path:
     """Export ``model`` to ``out_path`` (one .onnx file, dynamic batch); returns the path.
 
     ``include_logits`` adds the raw classifier ``logits`` output (used to compare with
     torchvision). ``validation_images`` (uint8 [N, S, S, 3], e.g. real photos) are compared in
-    the parity gate in addition to random images. See ``export_onnx_report`` for timings/errors.
+    the parity gate in addition to random images. ``fold_batchnorm=False`` keeps explicit
+    BatchNormalization nodes instead of folding them into the convs. ``extra_metadata`` values
+    that are not strings are stored as JSON. See ``export_onnx_report`` for timings/errors.
     """
     return export_onnx_report(
         model, out_path, image_size=image_size, objective=objective, resize_mode=resize_mode,
         category_names=category_names, extra_metadata=extra_metadata, validate=validate,
         include_logits=include_logits, tolerance=tolerance, validation_images=validation_images,
+        fold_batchnorm=fold_batchnorm,
     ).path
 
 
@@ -107,6 +111,7 @@ def export_onnx_report(
     include_logits: bool = False,
     tolerance: float = parity.DEFAULT_TOLERANCE,
     validation_images: np.ndarray | None = None,
+    fold_batchnorm: bool = True,
 ) -> ExportReport:
     """``export_onnx`` that also returns the parity errors, timings and file size."""
     t0 = time.perf_counter()
@@ -115,7 +120,7 @@ def export_onnx_report(
     embedding_source, with_probabilities = OBJECTIVES[objective]
     category_names = [str(n) for n in category_names]
 
-    g = GraphBuilder()
+    g = GraphBuilder(fold_bn=fold_batchnorm)
     tensors = build_backbone(g, model, image_size)
     outputs: list[str] = []
     if embedding_source == "pooled":
@@ -160,13 +165,21 @@ def export_onnx_report(
             raise ConfigError(f"extra_metadata key {key!r} is reserved by the exporter; rename it")
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
     proto = g.build(f"imat_{metadata['architecture']}", metadata)
+    proto.producer_version = __version__
+    proto.doc_string = (
+        f"imat {metadata['architecture']} ({objective}, {image_size} px, {resize_mode}): "
+        f"images uint8 [batch, {image_size}, {image_size}, 3] -> {', '.join(outputs)}"
+    )
     t_build = time.perf_counter()
 
     check_model_proto(proto)
     t_check = time.perf_counter()
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ConfigError(f"cannot write the model to {out_path}: {e.strerror or e}; choose another --out") from e
     os.close(fd)
     tmp = pathlib.Path(tmp_name)
     report = None

@@ -132,8 +132,8 @@ def build_backbone(g: GraphBuilder, model, image_size: int) -> Tensors:
     if not isinstance(head, EmbeddingHead):
         raise ModelError(f"unknown embedding head {type(head).__name__}")
     z = _linear(g, pooled, head.proj, name="embedding.proj")
-    # Same rule as heads.l2_normalize: z * rsqrt(sum(z^2) + eps).
-    embedding = g.l2_normalize(z, eps=float(head.epsilon), mode="add", name="embedding.l2norm")
+    # Same rule as heads.l2_normalize: z * rsqrt(max(sum(z^2), eps^2)) == z / max(||z||, eps).
+    embedding = g.l2_normalize(z, eps=float(head.epsilon), mode="max", name="embedding.l2norm")
     return Tensors(pooled=pooled, logits=logits, embedding=embedding)
 
 
@@ -141,4 +141,4 @@ def pooled_embedding(g: GraphBuilder, pooled: str) -> str:
     """L2-normalised backbone features, the retrieval embedding of rotation-objective models."""
     from imat.train_jax.models.heads import EMBED_EPSILON
 
-    return g.l2_normalize(pooled, eps=EMBED_EPSILON, mode="add", name="pooled.l2norm")
+    return g.l2_normalize(pooled, eps=EMBED_EPSILON, mode="max", name="pooled.l2norm")

@@ -35,15 +35,18 @@ def recall_at(found, truth):
         (50_000, 128, None, "Flat"),
         (50_001, 128, None, "HNSW32,Flat"),
         (1_000_000, 128, None, "HNSW32,Flat"),
-        (1_000_001, 128, None, "IVF4000,PQ32"),
-        (4_000_000, 96, None, "IVF8000,PQ24"),
-        (10_000_000, 100, None, "IVF12649,PQ25"),
+        (1_000_001, 128, None, "IVF4000,SQ8"),
+        (4_000_000, 96, None, "IVF8000,SQ8"),
+        (4_000_000, 96, 4_000_000 * 104, "IVF8000,SQ8"),  # SQ8 exactly fits
+        (4_000_000, 96, 4_000_000 * 103, "IVF8000,PQ24"),  # it does not: PQ with m = D/4
+        (10_000_000, 100, 10_000_000 * 50, "IVF12649,PQ25"),
         # memory-bound: 20k x 128 flat = 10 MB does not fit 2 MB -> IVF-PQ; nlist capped at n/39
         (20_000, 128, 2_000_000, "IVF512,PQ32"),
         # small and memory-bound: 4-bit codebooks (too few points for 256 centroids), then OPQ + shorter codes
         (5_000, 64, 80_000, "IVF128,PQ16x4"),
         (5_000, 64, 60_000, "OPQ8,IVF128,PQ8x4"),
-        (200_000, 128, 60 * 2**20, "IVF1789,PQ32"),
+        (200_000, 128, 60 * 2**20, "IVF1789,SQ8"),
+        (200_000, 128, 20 * 2**20, "IVF1789,PQ32"),
         (200_000, 128, 5_000_000, "OPQ16,IVF1789,PQ16"),
     ],
 )
@@ -62,6 +65,7 @@ def test_search_params_are_stored_defaults():
     assert ix.default_search_params("Flat") == {}
     assert ix.default_search_params("HNSW32,Flat") == {"efSearch": ix.HNSW_EF_SEARCH}
     assert ix.default_search_params("IVF4000,PQ32") == {"nprobe": 250}
+    assert ix.default_search_params("IVF4000,SQ8") == {"nprobe": 250}
     assert ix.default_search_params("IVF64,Flat") == {"nprobe": 16}
 
 
@@ -90,7 +94,7 @@ def test_k_is_clamped_to_the_gallery_size():
         idx.search(x[:1], 0)
 
 
-@pytest.mark.parametrize("index_type", ["HNSW32,Flat", "IVF100,Flat"])
+@pytest.mark.parametrize("index_type", ["HNSW32,Flat", "IVF100,Flat", "IVF100,SQ8"])
 def test_approximate_indexes_reach_recall(index_type):
     x = clustered(10_000, 32, 0)
     q = clustered(200, 32, 1)
@@ -101,6 +105,7 @@ def test_approximate_indexes_reach_recall(index_type):
     assert r10 >= 0.95, r10
 
 
+@pytest.mark.slow
 def test_ivf_pq_reaches_recall():
     # PQ training (k-means per sub-space) is the slow part on a shared CPU: keep it small.
     x = clustered(3000, 16, 0)

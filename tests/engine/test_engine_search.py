@@ -104,3 +104,18 @@ def test_evaluate_on_a_kaggle_folder(engine, kaggle_dir):
     for key in ("map@5", "precision@5", "recall@5", "ndcg@5", "f1_macro_neighbours", "f1_micro_model"):
         assert 0.0 <= r[key] <= 1.0
     assert set(r["baseline"]) >= {"map@5", "precision@5", "recall@5", "ndcg@5"}
+
+
+def test_real_photos_index_and_search(engine, real_smoke, tmp_path):
+    """The 13 real-smoke photos (up to 6000x4000 JPEGs) index, and each finds itself first."""
+    from imat.data_tools.kaggle import read_kaggle
+
+    ds = read_kaggle(real_smoke)
+    paths = [rec.path for rec in ds.records]
+    names = dict(zip(ds.labels.category_ids, ds.labels.category_names))
+    labels = [[names[c] for c in rec.categories] for rec in ds.records]
+    gallery = engine.build_index(paths, tmp_path / "idx", labels=labels, ids=[r.image_id for r in ds.records])
+    assert gallery.count == len(paths) >= 10 and engine.last_result.errors == []
+    records = engine.search(paths, k=3, index=tmp_path / "idx")
+    assert [r["results"][0]["id"] for r in records] == [rec.image_id for rec in ds.records]
+    assert all(r["predicted_categories"] for r in records)

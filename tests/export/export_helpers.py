@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -19,6 +20,30 @@ def randomize(model: nnx.Module, seed: int = 0) -> nnx.Module:
         elif isinstance(module, nnx.Linear) and module.bias is not None:
             n = module.bias.get_value().shape[0]
             module.bias.set_value(rng.normal(0.0, 0.5, n).astype(np.float32))
+    return model
+
+
+def random_resnet(name: str, seed: int = 0, **kwargs) -> nnx.Module:
+    """A ResNet from create_model with every weight drawn in numpy (He-normal convs, small Linear).
+
+    ``nnx.eval_shape`` builds the module structure without running JAX initialisers (which
+    compile once per distinct shape: ~20 s for ResNet50 on a shared 2-core CI box); the values
+    are then filled in here. ResNets hold nothing but Params and BatchStats, which is checked.
+    """
+    from imat.train_jax.models import create_model
+
+    model = nnx.eval_shape(lambda: create_model(name, rngs=nnx.Rngs(seed), **kwargs))
+    rng = np.random.default_rng(seed)
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Conv):
+            shape = module.kernel.get_value().shape
+            module.kernel.set_value(rng.normal(0, np.sqrt(2 / np.prod(shape[:3])), shape).astype(np.float32))
+        elif isinstance(module, nnx.Linear):
+            shape = module.kernel.get_value().shape
+            module.kernel.set_value(rng.normal(0, np.sqrt(1 / shape[0]), shape).astype(np.float32))
+    randomize(model, seed)  # BatchNorm statistics/affine and Linear biases
+    left = [p for p, v in nnx.state(model).flat_state() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    assert not left, f"variables left abstract: {left[:3]}"
     return model
 
 

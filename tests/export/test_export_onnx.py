@@ -164,8 +164,12 @@ def test_gate_rejects_a_tampered_file(tmp_path, make_model, category_names):
 
 
 def test_mobilenet_v2_width_mult_both_depthwise_formulations(tmp_path, make_model, category_names):
+    from imat.train_jax.models import set_depthwise
+
+    model = make_model("mobilenet_v2", width_mult=0.35, depthwise="shifted", seed=2)
     for depthwise in ("shifted", "grouped"):
-        model = make_model("mobilenet_v2", width_mult=0.35, depthwise=depthwise, seed=2)
+        set_depthwise(model, depthwise)  # same parameters, other JAX formulation
+        assert model.features[0].dw_conv.impl == depthwise
         report = export_onnx_report(model, tmp_path / f"{depthwise}.onnx", image_size=SIZE, objective="bce",
                                     category_names=category_names)
         assert report.parity.max_relative < 1e-5, report.parity.describe()
@@ -201,8 +205,10 @@ def _decode_real(paths: list[pathlib.Path], size: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_resnet50_builds_and_matches_jax(tmp_path, make_model):
-    model = make_model("resnet50", num_classes=5)
+def test_resnet50_builds_and_matches_jax(tmp_path):
+    from export_helpers import random_resnet
+
+    model = random_resnet("resnet50", num_classes=5)
     report = export_onnx_report(model, tmp_path / "r50.onnx", image_size=32, objective="bce",
                                 category_names=list("abcde"))
     assert report.parity.max_relative < 1e-4, report.parity.describe()
@@ -223,6 +229,9 @@ def test_user_mistakes_are_clear_errors(tmp_path, make_model, category_names):
     with pytest.raises(ConfigError, match="is a directory"):
         export_onnx(model, tmp_path, objective="bce", **kw)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="cannot write the model"):
+        export_onnx(model, tmp_path / "afile" / "m.onnx", objective="bce", **kw)
     with pytest.raises(ModelError, match="no such ONNX"):
         read_metadata(tmp_path / "missing.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"\x00not protobuf")
@@ -238,3 +247,18 @@ def test_fingerprint_depends_on_weights_only(tmp_path, make_model, category_name
     c = export_onnx_report(make_model(seed=1), tmp_path / "c.onnx", image_size=SIZE, objective="bce",
                            category_names=category_names)
     assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+def test_batchnorm_kept_as_nodes_gives_the_same_model(tmp_path, make_model, category_names):
+    model = make_model("resnet_tiny", seed=4)
+    kw = dict(image_size=SIZE, objective="bce", category_names=category_names)
+    folded = export_onnx_report(model, tmp_path / "folded.onnx", **kw)
+    kept = export_onnx_report(model, tmp_path / "kept.onnx", fold_batchnorm=False, **kw)
+    assert kept.parity.max_relative < 1e-5, kept.parity.describe()
+    ops = [n.op_type for n in onnx.load(str(kept.path)).graph.node]
+    assert ops.count("BatchNormalization") == ops.count("Conv")
+    assert kept.fingerprint != folded.fingerprint  # different initializers, different file identity
+    images = random_images(5, SIZE, seed=9)
+    a, b = ort_run(folded.path, images), ort_run(kept.path, images)
+    for name in a:
+        assert rel_err(a[name], b[name]) < 1e-5

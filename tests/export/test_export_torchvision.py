@@ -41,7 +41,8 @@ def test_exported_model_matches_torchvision(tmp_path, torchvision_ref, arch):
     # Rotation-objective export: the embedding is torch's pooled features, L2-normalised.
     rot = export_onnx_report(model, tmp_path / f"{arch}_rot.onnx", image_size=images.shape[1], objective="rotation",
                              category_names=[])
-    (emb,) = ort.InferenceSession(str(rot.path), providers=["CPUExecutionProvider"]).run(["embedding"], {"images": images})
+    rot_sess = ort.InferenceSession(str(rot.path), providers=["CPUExecutionProvider"])
+    (emb,) = rot_sess.run(["embedding"], {"images": images})
     pooled = expected["pooled"].astype(np.float64)
     want_emb = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
     assert np.max(np.abs(emb - want_emb)) / np.max(np.abs(want_emb)) < 1e-4
