@@ -188,7 +188,8 @@ def export_onnx_report(
         t_write = time.perf_counter()
         if validate:
             images = validate_images(image_size, validation_images)
-            report = check_parity_jax(tmp, model, objective, outputs, images, tolerance=tolerance)
+            report = check_parity_jax(tmp, model, objective, outputs, images, tolerance=tolerance,
+                                      display_path=out_path)
         t_validate = time.perf_counter()
         os.replace(tmp, out_path)
     except BaseException:
@@ -261,18 +262,21 @@ def jax_reference(model, objective: str, outputs: Sequence[str]):
     def forward(m, images):
         out = m(images)
         res = {"embedding": l2_normalize(out["pooled"]) if embedding_source == "pooled" else out["embedding"]}
+        if "probabilities" in outputs or "logits" in outputs:
+            # logits also give the probabilities' error scale (validate.compare)
+            res["logits"] = out["logits"]
         if "probabilities" in outputs:
             res["probabilities"] = jax.nn.sigmoid(out["logits"])
-        if "logits" in outputs:
-            res["logits"] = out["logits"]
         return res
 
     return lambda images: {k: np.asarray(v) for k, v in forward(ref, images).items()}
 
 
 def check_parity_jax(path, model, objective: str, outputs: Sequence[str], images: np.ndarray, *,
-                     tolerance: float = parity.DEFAULT_TOLERANCE) -> parity.ParityReport:
-    return parity.check_parity(path, jax_reference(model, objective, outputs), outputs, images, tolerance=tolerance)
+                     tolerance: float = parity.DEFAULT_TOLERANCE, display_path=None) -> parity.ParityReport:
+    """The parity gate for an imat model: ``path`` (ONNX Runtime) vs ``model`` (JAX, eval mode)."""
+    return parity.check_parity(path, jax_reference(model, objective, outputs), outputs, images,
+                               tolerance=tolerance, display_path=display_path)
 
 
 def read_metadata(path) -> dict:

@@ -4,6 +4,14 @@ The same uint8 images go through ONNX Runtime (CPU) and the JAX model in eval mo
 each exported output the error is ``max |onnx - jax| / max |jax|`` (relative to the
 output's scale, so it is meaningful for unit-norm embeddings and for large logits alike).
 Anything above the tolerance is a ModelError that states the measured errors.
+
+Probabilities are the one output whose scale is not their own: sigmoid maps a logit error
+d to a probability error of up to d/4, and float32 logits of size L carry errors of about
+1e-7 * L. A model with logits in the thousands (random weights, or a badly scaled head) can
+therefore show a probability error far above 1e-4 while its logits agree to 1e-6. So when
+the reference gives the logits too, the probability error is taken relative to
+``max(max |p|, max |logits| / 4)``: the same number as before for any model with
+``|logits| <= 4``, and for larger logits exactly the logits' relative error bound.
 """
 
 from __future__ import annotations
@@ -93,6 +101,9 @@ def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], name
             raise ModelError(f"exported output {name!r} has shape {a.shape}, the JAX model gives {e.shape}")
         err = float(np.max(np.abs(a - e))) if a.size else 0.0
         scale = float(np.max(np.abs(e))) if e.size else 0.0
+        if name == "probabilities" and "logits" in expected and e.size:
+            # sigmoid' <= 1/4: a logit error relative to the logits' scale, seen through the sigmoid.
+            scale = max(scale, float(np.max(np.abs(np.asarray(expected["logits"], np.float64)))) / 4)
         absolute[name] = err
         rel[name] = err / scale if scale > 0 else err
         if not np.all(np.isfinite(a)):
@@ -107,8 +118,13 @@ def check_parity(
     images: np.ndarray,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
+    display_path: pathlib.Path | str | None = None,
 ) -> ParityReport:
     """Compare model.onnx with ``reference`` (uint8 NHWC batch -> {output name: array}).
+
+    ``reference`` may return more than ``output_names`` (``logits`` sets the probabilities'
+    scale, see the module docstring); only ``output_names`` are compared. ``display_path`` is the
+    name used in the error message (the export target, when ``onnx_path`` is its temp file).
 
     Raises ModelError naming the file and the measured errors when any output is off by more
     than ``tolerance`` (relative); returns the report otherwise.
@@ -120,7 +136,7 @@ def check_parity(
     logger.info("parity %s", report.describe())
     if not report.ok:
         raise ModelError(
-            f"ONNX export parity check failed for {onnx_path}: {report.describe()}; "
+            f"ONNX export parity check failed for {display_path or onnx_path}: {report.describe()}; "
             "the exported graph does not compute what the JAX model computes (this is a bug in the exporter "
             "or an unsupported model change), so no model file was written"
         )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import shutil
 import time
@@ -75,12 +74,19 @@ class CheckpointStore:
     def __init__(self, workdir, *, keep: int = 3, read_only: bool = False):
         self.workdir = pathlib.Path(workdir).resolve()
         self.directory = self.workdir / CHECKPOINT_DIR
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=not read_only,
-            read_only=read_only,
-            enable_async_checkpointing=False,
-        )
+        if read_only:  # (the values Orbax would force for read_only, given so it does not warn)
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
+                enable_async_checkpointing=False,
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=False,
+                # remove tmp dirs of a save that a killed process left half written
+                cleanup_tmp_directories=True,
+            )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def all_steps(self) -> list[int]:

@@ -148,8 +148,9 @@ class TrainConfig:
 
     def resume_conflicts(self, previous: "TrainConfig") -> list[str]:
         """Options (RESUME_KEYS) whose values differ from ``previous``: "name: old -> new"."""
+        keys = [k for k in RESUME_KEYS if k != "mining" or self.objective == "triplet"]
         return [
             f"{k}: {getattr(previous, k)!r} -> {getattr(self, k)!r}"
-            for k in RESUME_KEYS
+            for k in keys
             if getattr(previous, k) != getattr(self, k)
         ]

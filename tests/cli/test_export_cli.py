@@ -58,5 +58,5 @@ def test_export_command_parity_failure_writes_nothing(run_dir, tmp_path, capsys)
     out = tmp_path / "m.onnx"
     assert main(["export", str(run_dir), "--out", str(out), "--tolerance", "1e-15"]) == 1
     err = capsys.readouterr().err
-    assert "parity check failed" in err and "embedding: rel" in err
+    assert f"parity check failed for {out}:" in err and "embedding: rel" in err
     assert list(tmp_path.iterdir()) == []

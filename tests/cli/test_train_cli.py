@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import json
+import pathlib
+
+import pytest
 
 from imat.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory) -> pathlib.Path:
+    """A small synthetic dataset prepared at 32 px (tests/train_jax has its own; fixtures do not cross folders)."""
+    from imat.data_tools.synthetic import write_synthetic
+    from imat.data_tools.tfds_builder import prepare
+
+    root = tmp_path_factory.mktemp("cli_train_data")
+    raw = write_synthetic(root / "raw", 60, seed=1, min_side=48, max_side=96, large_fraction=0.0)
+    return pathlib.Path(prepare(raw, root / "prepared", image_size=32, workers=1, seed=0))
 
 
 def test_train_cli_smoke(prepared_data, tmp_path, capsys):

@@ -42,7 +42,7 @@ def random_resnet(name: str, seed: int = 0, **kwargs) -> nnx.Module:
             shape = module.kernel.get_value().shape
             module.kernel.set_value(rng.normal(0, np.sqrt(1 / shape[0]), shape).astype(np.float32))
     randomize(model, seed)  # BatchNorm statistics/affine and Linear biases
-    left = [p for p, v in nnx.state(model).flat_state() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    left = [p for p, v in nnx.to_flat_state(nnx.state(model)) if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     assert not left, f"variables left abstract: {left[:3]}"
     return model
 

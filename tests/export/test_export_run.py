@@ -59,3 +59,24 @@ def test_export_run_errors(tmp_path, bce_run):
     with pytest.raises(ModelError, match="step 3"):
         export_run(run_dir, tmp_path / "m.onnx", step=3)
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_export_a_trained_run_end_to_end(tmp_path):
+    """synthetic Kaggle folder -> prepare -> train_and_evaluate (3 steps) -> export_run, with the run's
+    own prepared validation images in the parity gate."""
+    from imat.data_tools.synthetic import write_synthetic
+    from imat.data_tools.tfds_builder import prepare
+    from imat.train_jax.config import TrainConfig
+    from imat.train_jax.train import train_and_evaluate
+
+    raw = write_synthetic(tmp_path / "raw", 40, seed=0, min_side=40, max_side=64, large_fraction=0.0)
+    data_dir = prepare(raw, tmp_path / "prepared", image_size=32, workers=1, seed=0)
+    config = TrainConfig(data_dir=str(data_dir), arch="resnet_tiny", image_size=32, batch_size=8, steps=3,
+                         log_every=1, embedding_dim=32)
+    train_and_evaluate(config, tmp_path / "run")
+    report = export_run_report(tmp_path / "run", tmp_path / "model.onnx")
+    assert report.parity.num_images == 8 + 6  # 8 prepared validation images + 6 random
+    assert report.parity.max_relative < 1e-5, report.parity.describe()
+    meta = read_metadata(report.path)
+    assert meta["checkpoint_step"] == "3" and meta["embedding_dim"] == 32 and meta["objective"] == "bce"
