@@ -30,18 +30,6 @@ def _engine(model: pathlib.Path, batch_size: int, threads: int | None):
     return Engine(model, batch_size=batch_size, decode_threads=threads)
 
 
-def _plain_folder_images(folder: pathlib.Path) -> tuple[list[pathlib.Path], list[str]]:
-    """(image files, names of the non-image files skipped) of a plain folder."""
-    from imat.data_tools.kaggle import list_images
-
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder; pass a folder of images (or a Kaggle folder with train.csv)")
-    images = list_images(folder)
-    names = {p.name for p in images}
-    skipped = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in names)
-    return images, skipped
-
-
 def _note_skipped(skipped: list[str], what: str) -> None:
     if skipped:
         click.echo(f"note: skipped {len(skipped)} {what} (e.g. {', '.join(skipped[:3])})", err=True)
@@ -77,25 +65,15 @@ common_threads = click.option(
 @common_threads
 def index(model, images, out, index_type, memory_budget_mb, batch_size, threads):
     """Embed a folder of images and build a FAISS index."""
-    labels = ids = None
-    if (images / "train.csv").is_file():
-        from imat.data_tools.kaggle import read_kaggle
+    from imat.engine.gallery import folder_items
 
-        ds = read_kaggle(images)
-        if ds.problems:
-            click.echo(ds.summary(), err=True)
-        if not ds.records:
-            raise DataError(f"{images}: the Kaggle folder has no usable images; see the problems above")
-        items = [rec.path for rec in ds.records]
-        ids = [rec.image_id for rec in ds.records]
-        name_of = dict(zip(ds.labels.category_ids, ds.labels.category_names))
-        labels = [[name_of[c] for c in rec.categories] for rec in ds.records]
-        click.echo(f"{images}: Kaggle folder, {len(items)} labelled images", err=True)
-    else:
-        items, skipped = _plain_folder_images(images)
-        _note_skipped(skipped, "non-image files")
-        if not items:
-            raise DataError(f"{images}: no image files found (looked for .jpg, .jpeg, .png, .webp, ...)")
+    found = folder_items(images)
+    if found.problems:
+        click.echo(found.problems, err=True)
+    _note_skipped(found.skipped, "non-image files")
+    if found.labelled:
+        click.echo(f"{images}: Kaggle folder, {len(found.items)} labelled images", err=True)
+    items, ids, labels = found.items, found.ids, found.labels
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
     engine = _engine(model, batch_size, threads)
     gallery = engine.build_index(items, out, index_type=index_type, labels=labels, ids=ids,
@@ -129,9 +107,10 @@ def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, t
     if bool(batch_dir) == bool(queries):
         raise ConfigError("give either --batch QUERY_DIR or one or more QUERY_IMAGE paths (not both, not neither)")
     if batch_dir:
-        items, skipped = _plain_folder_images(batch_dir)
-        if not items:
-            raise DataError(f"{batch_dir}: no image files found to search with")
+        from imat.engine.gallery import plain_folder_items
+
+        found = plain_folder_items(batch_dir)
+        items, skipped = found.items, found.skipped
     else:
         items = [q for q in queries if q.suffix.lower() in IMAGE_EXTENSIONS]
         skipped = [str(q) for q in queries if q.suffix.lower() not in IMAGE_EXTENSIONS]

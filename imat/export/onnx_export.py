@@ -191,6 +191,7 @@ def export_onnx_report(
             report = check_parity_jax(tmp, model, objective, outputs, images, tolerance=tolerance,
                                       display_path=out_path)
         t_validate = time.perf_counter()
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a model file is meant to be shared
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -51,6 +51,7 @@ def test_export_each_objective(tmp_path, make_model, category_names, objective):
     report = export_onnx_report(model, out, image_size=SIZE, objective=objective, category_names=category_names,
                                 extra_metadata={"run": "r1", "steps": 7})
     assert report.path == out and out.is_file()
+    assert out.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]  # no temp file, no external data
     assert report.parity is not None and report.parity.max_relative < 1e-5
     assert set(report.parity.relative) == set(outputs)
