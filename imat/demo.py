@@ -81,7 +81,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     from imat.data_tools.tfds_builder import prepare
     from imat.engine import Engine
     from imat.engine.gallery import folder_items, plain_folder_items
-    from imat.engine.report import atomic_write_text, write_html_report
+    from imat.engine.report import write_html_report
+    from imat.fileio import atomic_write_text
     from imat.export.onnx_export import export_run
     from imat.train_jax.config import TrainConfig
     from imat.train_jax.train import train_and_evaluate

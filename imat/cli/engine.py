@@ -102,7 +102,8 @@ def index(model, images, out, index_type, memory_budget_mb, batch_size, threads)
 def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, threads):
     """Search an index with one or more images, or a folder of queries (--batch)."""
     from imat.data_tools.kaggle import IMAGE_EXTENSIONS
-    from imat.engine.report import atomic_write_text, write_html_report
+    from imat.engine.report import write_html_report
+    from imat.fileio import atomic_write_text
 
     if bool(batch_dir) == bool(queries):
         raise ConfigError("give either --batch QUERY_DIR or one or more QUERY_IMAGE paths (not both, not neither)")
@@ -163,7 +164,7 @@ def format_eval_table(result: dict) -> str:
 @common_threads
 def evaluate(model, images, k, json_out, batch_size, threads):
     """Leave-one-out retrieval evaluation on a labelled folder."""
-    from imat.engine.report import atomic_write_text
+    from imat.fileio import atomic_write_text
 
     if not (images / "train.csv").is_file():
         raise DataError(f"{images}: not a Kaggle-layout folder (no train.csv); evaluation needs labels")

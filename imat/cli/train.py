@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
               help="Triplet mining (triplet objective only).")
 @click.option("--margin", type=float, default=0.2, show_default=True, help="Triplet margin (on squared distances of unit vectors).")
 @click.option("--embedding-dim", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--width-mult", type=float, default=None, help="MobileNetV2 width multiplier (default 1.0).")
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--augment/--no-augment", default=False, show_default=True, help="Random resized crop + flip + colour jitter.")
 def train(data_dir, workdir, epochs, steps, **options) -> None:

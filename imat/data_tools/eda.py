@@ -17,12 +17,11 @@ import html
 import io
 import json
 import logging
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
+from imat.fileio import atomic_write_bytes
 from imat.data_tools.images import decode_image
 from imat.data_tools.kaggle import KaggleDataset, rle_decode
 from imat.errors import DataError, ImatError
@@ -206,20 +205,6 @@ def _top_pairs(cooc: dict, k: int) -> list[tuple[str, str, int]]:
 
 # ---- writing helpers ----------------------------------------------------------------------------------
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
 
 def _save_figure(fig, path: pathlib.Path, dpi: int = 100) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -227,7 +212,7 @@ def _save_figure(fig, path: pathlib.Path, dpi: int = 100) -> None:
     FigureCanvasAgg(fig)  # attaches the Agg canvas; no pyplot, no global backend switch
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def category_colours(n: int) -> np.ndarray:
@@ -466,7 +451,7 @@ def write_report(ds: KaggleDataset, out_dir, *, examples: int = 6, seed: int = 0
     except OSError as e:
         raise DataError(f"{out}: cannot create the report folder ({e.strerror or e})") from None
     stats = compute_stats(ds)
-    _atomic_write_bytes(out / "stats.json", (json.dumps(stats, indent=1) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / "stats.json", (json.dumps(stats, indent=1) + "\n").encode("utf-8"))
     _plot_category_frequency(stats, out / "category_frequency.png")
     _plot_attribute_frequency(stats, out / "attribute_frequency.png")
     _plot_categories_per_image(stats, out / "categories_per_image.png")
@@ -474,6 +459,6 @@ def write_report(ds: KaggleDataset, out_dir, *, examples: int = 6, seed: int = 0
     _plot_cooccurrence(stats, out / "cooccurrence.png")
     _plot_examples(ds, out / "examples.png", examples, seed)
     report = out / "report.html"
-    _atomic_write_bytes(report, _html(stats).encode("utf-8"))
+    atomic_write_bytes(report, _html(stats).encode("utf-8"))
     logger.info("wrote dataset report to %s", report)
     return report

@@ -25,16 +25,15 @@ import io
 import json
 import logging
 import math
-import os
 import pathlib
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from imat.fileio import atomic_write_bytes
 from imat.data_tools.kaggle import COLUMNS, rle_encode
 from imat.data_tools.labels import LabelSpace
 from imat.errors import ConfigError, DataError
@@ -493,20 +492,6 @@ def _draw(canvas: np.ndarray, label: np.ndarray, idx: int, inst: _Instance, rng)
 
 # ---- writing ----------------------------------------------------------------------------------------------
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
 
 def write_synthetic(out_dir, num_images: int = 200, *, seed: int = 0, min_side: int = 160,
                     max_side: int = 1200, large_fraction: float = 0.05, large_side: int = 2400,
@@ -548,7 +533,7 @@ def write_synthetic(out_dir, num_images: int = 200, *, seed: int = 0, min_side: 
         image_id = image_id_for(seed, i)
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=quality)
-        _atomic_write_bytes(image_dir / f"{image_id}.jpg", buf.getvalue())
+        atomic_write_bytes(image_dir / f"{image_id}.jpg", buf.getvalue())
         for cid, attrs, mask in instances:
             rows.append((image_id, rle_encode(mask), height, width, cid, ",".join(map(str, attrs))))
 
@@ -557,8 +542,8 @@ def write_synthetic(out_dir, num_images: int = 200, *, seed: int = 0, min_side: 
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(COLUMNS)
     writer.writerows(rows)
-    _atomic_write_bytes(out / "train.csv", text.getvalue().encode("utf-8"))
-    _atomic_write_bytes(out / "label_descriptions.json",
+    atomic_write_bytes(out / "train.csv", text.getvalue().encode("utf-8"))
+    atomic_write_bytes(out / "label_descriptions.json",
                         (json.dumps(labels.to_json_dict(), indent=1) + "\n").encode("utf-8"))
     written = {image_id_for(seed, i) for i in range(num_images)}
     stale = sorted(p.name for p in image_dir.glob("*.jpg") if p.stem not in written)

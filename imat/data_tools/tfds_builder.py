@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tqdm.auto import tqdm
 
+from imat.fileio import atomic_write_text
 from imat.constants import DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE_MODE, NUM_ATTRIBUTES, NUM_CATEGORIES, RESIZE_MODES
 from imat.data_tools import kaggle
 from imat.data_tools.images import decode_image, read_image_size
@@ -316,9 +317,7 @@ def read_manifest(data_dir) -> dict | None:
 
 
 def _write_json(path: pathlib.Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _pid_alive(pid: int) -> bool:

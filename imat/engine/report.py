@@ -12,10 +12,10 @@ import base64
 import html
 import io
 import logging
-import os
 import pathlib
-import tempfile
 from typing import Sequence
+
+from imat.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -103,23 +103,3 @@ def write_html_report(records: Sequence[dict], out_path, *, title: str = "imat s
     atomic_write_text(out_path, text)
     logger.info("wrote HTML report %s (%d queries, %.1f KB)", out_path, len(records), len(text) / 1024)
     return out_path
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    """Write to a temp file in the same folder, then os.replace (readers never see half a file)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

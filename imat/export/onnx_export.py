@@ -21,9 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -33,6 +31,7 @@ import onnx
 from imat import __version__
 from imat.constants import RESIZE_MODES
 from imat.errors import ConfigError, ModelError
+from imat.fileio import atomic_path
 from imat.export import validate as parity
 from imat.export.graph import GraphBuilder
 from imat.export.translate import build_backbone, pooled_embedding
@@ -175,15 +174,12 @@ def export_onnx_report(
     check_model_proto(proto)
     t_check = time.perf_counter()
 
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise ConfigError(f"cannot write the model to {out_path}: {e.strerror or e}; choose another --out") from e
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
     report = None
     try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write the model to {out_path}: {e.strerror or e}; choose another --out") from e
+    with atomic_path(out_path) as tmp:  # renamed into place only if every check below passes
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
         t_write = time.perf_counter()
         if validate:
@@ -191,11 +187,6 @@ def export_onnx_report(
             report = check_parity_jax(tmp, model, objective, outputs, images, tolerance=tolerance,
                                       display_path=out_path)
         t_validate = time.perf_counter()
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a model file is meant to be shared
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     seconds = {
         "build": t_build - t0, "check": t_check - t_build, "write": t_write - t_check,
         "validate": t_validate - t_write, "total": time.perf_counter() - t0,

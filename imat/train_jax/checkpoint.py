@@ -181,6 +181,8 @@ def build_model(config: dict, *, pretrained=None):
         pretrained=pretrained,
         depthwise=config.get("depthwise", "auto"),
         rngs=nnx.Rngs(int(config.get("seed", 0))),
+        # Architecture options are passed only when set, so other architectures never see them.
+        **({"width_mult": float(config["width_mult"])} if config.get("width_mult") is not None else {}),
     )
 
 

@@ -29,7 +29,7 @@ OPTIMIZERS = ("adam",)
 # an existing workdir must keep them, or resuming would be meaningless or impossible.
 RESUME_KEYS = (
     "arch", "objective", "embedding_dim", "num_classes", "image_size", "batch_size",
-    "seed", "optimizer", "mining", "augment", "depthwise",
+    "seed", "optimizer", "mining", "augment", "depthwise", "width_mult",
 )
 
 
@@ -58,6 +58,7 @@ class TrainConfig:
     negative_threshold: float = 0.25  # Jaccard below this (or no shared category): triplet negative
     init: str | None = None  # ImageNet safetensors to initialise the backbone
     depthwise: str = "auto"
+    width_mult: float | None = None  # mobilenet_v2 width multiplier (None: the architecture's 1.0)
     augment: bool = False
     map_k: int = 10
 
@@ -113,6 +114,8 @@ class TrainConfig:
             bad("negative_threshold", f"{self.negative_threshold!r} must be in [0, positive_threshold]")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             bad("--seed", f"{self.seed!r} must be an integer")
+        if self.width_mult is not None and not (self.width_mult > 0):
+            bad("--width-mult", f"{self.width_mult!r} must be > 0")
         if self.init is not None and not pathlib.Path(self.init).is_file():
             bad("--init", f"{self.init} is not a file (give a .safetensors of ImageNet weights)")
         return self

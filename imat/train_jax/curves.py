@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
-import tempfile
+
+from imat.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,6 @@ def plot_curves(rows: list[dict], out_path, objective: str) -> pathlib.Path | No
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     out_path = pathlib.Path(out_path)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=90)
-        os.replace(tmp, out_path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
     return out_path

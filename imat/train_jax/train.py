@@ -29,9 +29,7 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 import pathlib
-import tempfile
 import time
 from typing import Any
 
@@ -40,6 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from imat.fileio import atomic_write_text
 from imat.errors import ConfigError, ModelError
 from imat.train_jax import sharding
 from imat.train_jax.checkpoint import CHECKPOINT_DIR, CheckpointStore, build_model
@@ -54,18 +53,6 @@ RETRIEVAL_FEATURE = {"bce": "embedding", "triplet": "embedding", "rotation": "po
 
 
 # ---- small helpers -------------------------------------------------------------------------------
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path`` and rename it over ``path``."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def package_versions() -> dict[str, str]:

@@ -221,7 +221,8 @@ def test_bad_options(train):
 
 
 def test_grain_can_use_the_split_as_a_source(train):
-    import grain
+    # grain is optional (imat's own BatchSource needs none); users who have it can plug a split in.
+    grain = pytest.importorskip("grain", reason="grain is not installed (optional)")
 
     ds = grain.MapDataset.source(train).map(lambda ex: ex["image"][::2, ::2])
     assert len(ds) == train.num_examples
