@@ -19,48 +19,16 @@ import time
 
 import numpy as np
 
-
-def _timeit(fn, repeats: int) -> float:
-    fn()  # warm-up (compile, allocate)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import median_seconds, train_step_rate  # noqa: E402
 
 
 def check_jax(args) -> tuple[object, dict]:
     import jax
-    import optax
-    from flax import nnx
-
-    from imat.train_jax.models import create_model
-    from imat.train_jax.objectives import get_objective
-    from imat.train_jax.train import make_train_step
 
     print(f"[jax] {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
-    model = create_model(args.arch, rngs=nnx.Rngs(0))
-    model.train()
-    optimizer = nnx.Optimizer(model, optax.adam(5e-4), wrt=nnx.Param)
-    step = make_train_step(nnx.graphdef(model), nnx.graphdef(optimizer), get_objective("bce"), {})
-    state = (nnx.state(model), nnx.state(optimizer))
-    rng = np.random.default_rng(0)
-    batch = {
-        "images": jax.device_put(rng.integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)),
-        "categories": jax.device_put((rng.random((args.batch, 46)) < 0.1).astype(np.float32)),
-    }
-    holder = {"state": state}
-
-    def run():
-        holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready(metrics["loss"])
-
-    seconds = _timeit(run, args.repeats)
-    rate = args.batch / seconds
-    print(f"[jax] train step {args.arch} {args.size}px batch {args.batch}: {seconds * 1e3:.1f} ms, {rate:.0f} images/s")
-    nnx.update(model, holder["state"][0])
-    model.eval()
+    rate, model = train_step_rate(args.arch, args.size, args.batch, args.repeats)
+    print(f"[jax] train step {args.arch} {args.size}px batch {args.batch}: {rate:.0f} images/s")
     return model, {"jax_backend": jax.default_backend(), "train_images_per_s": rate}
 
 
@@ -80,7 +48,7 @@ def check_onnxruntime(model, args) -> dict:
     rates = {}
     for label, providers in (("cpu", ["CPUExecutionProvider"]), ("auto", None)):
         engine = Engine(out, providers=providers, batch_size=args.batch, progress=False)
-        seconds = _timeit(lambda: engine.embed(images), max(1, args.repeats // 2))
+        seconds = median_seconds(lambda: engine.embed(images), max(1, args.repeats // 2))
         rates[label] = len(images) / seconds
         print(f"[ort] {label:>4} -> {engine.provider}: {rates[label]:.0f} images/s (arrays, model only)")
     print(f"[ort] auto/cpu ratio {rates['auto'] / rates['cpu']:.1f}x")
@@ -106,7 +74,7 @@ def check_faiss(args) -> dict:
             print("[faiss] no GPU: GPU search skipped")
             continue
         index = build_faiss_index(xb, "Flat", use_gpu=use_gpu)
-        seconds = _timeit(lambda: index.search(xq, 10), 3)
+        seconds = median_seconds(lambda: index.search(xq, 10), 3)
         results[label] = len(xq) / seconds
         print(f"[faiss] Flat {args.gallery} x {d} on {label}: {results[label]:.0f} queries/s")
     if "gpu" in results:

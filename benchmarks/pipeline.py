@@ -53,7 +53,9 @@ def _rate(source, steps: int, start: int = 1) -> float:
 
 
 def bench(root: pathlib.Path, work: pathlib.Path, *, image_size: int, batch_size: int, steps: int,
-          baseline_steps: int, workers: int | None) -> None:
+          baseline_steps: int, workers: int | None) -> dict[str, tuple[float, float]]:
+    """Prints the table; returns {pipeline: (prepared images/s, JPEG images/s)}."""
+    rates: dict[str, tuple[float, float]] = {}
     n_images = len(read_kaggle(root, check_images=False, validate_rle=False).records)
     print(f"\n== {root} ({n_images} images), image_size {image_size}, batch {batch_size}")
     t = time.perf_counter()
@@ -80,6 +82,8 @@ def bench(root: pathlib.Path, work: pathlib.Path, *, image_size: int, batch_size
             r_j = _rate(src_j, baseline_steps)
             name = f"{kind}{'/' + mining if kind == 'triplet' else ''}{' +aug' if augment else ''}"
             print(f"{name:<22}{r_c:>12.1f}{r_l:>15.1f}{r_j:>11.2f}{r_c / r_j:>12.1f}x{r_l / r_j:>15.1f}x", flush=True)
+            rates.setdefault(name, (r_c * batch_size, r_j * batch_size))
+    return rates
 
 
 def main(argv=None) -> int:
@@ -92,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="batches timed from the prepared dataset")
     ap.add_argument("--baseline-steps", type=int, default=4, help="batches timed when decoding JPEGs")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--train-arch", default="resnet18",
+                    help="also time this model's train step at the same batch/size ('' to skip)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     roots = []
@@ -106,8 +112,17 @@ def main(argv=None) -> int:
             print(f"(no real data: {DEFAULT_SHARED} is absent; pass --root)")
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
         for i, r in enumerate(roots):
-            bench(r, tmp / f"run{i}", image_size=args.image_size, batch_size=args.batch_size, steps=args.steps,
-                  baseline_steps=args.baseline_steps, workers=args.workers)
+            rates = bench(r, tmp / f"run{i}", image_size=args.image_size, batch_size=args.batch_size,
+                          steps=args.steps, baseline_steps=args.baseline_steps, workers=args.workers)
+        if args.train_arch and roots:
+            sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+            from common import train_step_rate
+
+            step_rate, _ = train_step_rate(args.train_arch, args.image_size, args.batch_size)
+            prepared, jpeg = rates["classification"]
+            print(f"\ntrain step {args.train_arch} {args.image_size}px batch {args.batch_size}: {step_rate:.0f} images/s; "
+                  f"classification pipeline feeds {prepared:.0f} images/s prepared ({prepared / step_rate:.1f}x the "
+                  f"step) vs {jpeg:.0f} images/s decoding JPEGs ({jpeg / step_rate:.2f}x the step)")
     return 0
 
 

@@ -25,6 +25,8 @@ from typing import Mapping
 
 import numpy as np
 
+from imat.retrieval_metrics import exact_leave_one_out_topk, jaccard_matrix, retrieval_metrics
+
 logger = logging.getLogger(__name__)
 
 # Metrics summed across batches (counts); everything else is averaged per batch.
@@ -84,12 +86,7 @@ class MetricAccumulator:
 
 def jaccard_relevance(categories_a: np.ndarray, categories_b: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Boolean [len(a), len(b)]: Jaccard(category sets) >= threshold (two empty sets are not relevant)."""
-    a = (np.asarray(categories_a) >= 0.5).astype(np.float32)
-    b = (np.asarray(categories_b) >= 0.5).astype(np.float32)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-    jac = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    return (jac >= threshold) & (union > 0)
+    return jaccard_matrix(categories_a, categories_b) >= threshold
 
 
 def retrieval_map_at_k(
@@ -100,34 +97,17 @@ def retrieval_map_at_k(
     threshold: float = 0.5,
     chunk_size: int = 1024,
 ) -> float:
-    """Leave-one-out mAP@k of every item queried against all others (cosine similarity).
+    """Leave-one-out mAP@k of every item queried against all others (exact cosine search).
 
-    AP@k of a query = (1 / min(k, R)) * sum_{i<=k} P@i * rel_i, where R is the number
-    of relevant items among the others. Queries with R = 0 are skipped (they have
-    no defined AP); returns 0.0 when no query has a relevant item. Ties in score are
-    broken by item index (stable sort) so the result is deterministic.
+    The same definition as `imat eval` (imat.retrieval_metrics): AP@k of a query =
+    (1 / min(k, R)) * sum_{i<=k} P@i * rel_i, R = relevant items among the others;
+    queries with R = 0 are skipped; 0.0 when no query has a relevant item. Ties in
+    score are broken by item index, so the result is deterministic.
     """
-    x = np.asarray(embeddings, np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    cats = np.asarray(categories)
-    n = x.shape[0]
+    n = np.asarray(embeddings).shape[0]
     if n < 2:
         return 0.0
-    kk = min(k, n - 1)
-    ap_sum, num_queries = 0.0, 0
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        rows = np.arange(start, stop)
-        scores = x[start:stop] @ x.T
-        scores[np.arange(stop - start), rows] = -np.inf  # leave the query itself out
-        relevant = jaccard_relevance(cats[start:stop], cats, threshold)
-        relevant[np.arange(stop - start), rows] = False
-        num_relevant = relevant.sum(1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
-        hits = np.take_along_axis(relevant, order, axis=1).astype(np.float64)
-        precision_at_i = np.cumsum(hits, axis=1) / np.arange(1, kk + 1)
-        ap = (precision_at_i * hits).sum(1) / np.maximum(np.minimum(num_relevant, kk), 1)
-        has = num_relevant > 0
-        ap_sum += float(ap[has].sum())
-        num_queries += int(has.sum())
-    return ap_sum / num_queries if num_queries else 0.0
+    topk = exact_leave_one_out_topk(embeddings, k, chunk=chunk_size)
+    cats = (np.asarray(categories) >= 0.5)
+    return retrieval_metrics(cats, cats, topk, topk.shape[1], exclude=np.arange(n), threshold=threshold,
+                             chunk=chunk_size)["map"]

@@ -198,6 +198,25 @@ def _round(row: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the loop ----------------------------------------------------------------------------------------
 
+def _validation_source(make_pipeline, kind: str, val_split, seed: int, common: dict):
+    """The validation pipeline, with a smaller batch when the split is smaller than a training batch.
+
+    A small dataset (a demo, a first try on 50 photos) must still be evaluated; the batch is
+    halved until the split offers at least one batch, keeping it divisible by the local devices.
+    """
+    devices = jax.local_device_count()
+    batch_size = common["batch_size"]
+    while True:
+        try:
+            return make_pipeline(kind, val_split, seed=seed, augment=False, **{**common, "batch_size": batch_size})
+        except ConfigError:
+            smaller = (batch_size // 2 // devices) * devices
+            if smaller < devices:
+                raise
+            logger.info("validation split too small for batch %d; evaluating with batch %d", batch_size, smaller)
+            batch_size = smaller
+
+
 def train_and_evaluate(config: TrainConfig, workdir) -> dict[str, Any]:
     """Train (or resume) a run in ``workdir``; returns ``{"step", "train": {...}, "val": {...}}``."""
     from imat.data_tools.pipelines import PreparedSplit, make_pipeline  # heavy (tfds); only training needs it
@@ -225,7 +244,7 @@ def train_and_evaluate(config: TrainConfig, workdir) -> dict[str, Any]:
     common = dict(batch_size=config.batch_size // num_shards, mining=config.pipeline_mining,
                   shard_index=shard_index, num_shards=num_shards)
     train_source = make_pipeline(kind, train_split, seed=config.seed, augment=config.augment, **common)
-    val_source = make_pipeline(kind, val_split, seed=config.seed, augment=False, **common)
+    val_source = _validation_source(make_pipeline, kind, val_split, config.seed, common)
     steps_per_epoch = train_source.steps_per_epoch
     num_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     eval_every = config.eval_every or steps_per_epoch
