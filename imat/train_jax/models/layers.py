@@ -1,7 +1,8 @@
 """Building blocks shared by the imat backbones: explicit-padding convs, BatchNorm, pooling,
-the in-model ImageNet normalisation and the depthwise convolution with two formulations.
+the in-model ImageNet normalisation, and two convs with a CPU-only second formulation: the
+regular ``Conv`` ("taps" for the small spatial sizes XLA:CPU handles badly) and ``DepthwiseConv``.
 
-Every conv here is an ``nnx.Conv`` (or the ``DepthwiseConv`` subclass) with *explicit*
+Every conv here is an ``nnx.Conv`` subclass (``Conv`` or ``DepthwiseConv``) with *explicit*
 symmetric padding ``((k//2, k//2), (k//2, k//2))`` exactly as torchvision, never "SAME"
 (XLA's SAME pads (0, 1) for an even input and stride 2, torchvision pads (1, 1)).
 Conv kernels are HWIO (Flax); torchvision's OIHW maps by ``transpose(2, 3, 1, 0)``.
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # Flax convention; equals torch momentum=0.1
 DEPTHWISE_MODES = ("auto", "grouped", "shifted")
+CONV_MODES = ("auto", "lax", "taps")
 
 # torchvision inits convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -42,10 +44,10 @@ def resolve_depthwise(depthwise: str) -> str:
     return depthwise
 
 
-def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, *, rngs: nnx.Rngs) -> nnx.Conv:
+def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, *, rngs: nnx.Rngs) -> Conv:
     """A bias-free kxk conv with torchvision's padding k//2 on every side."""
     p = kernel // 2
-    return nnx.Conv(
+    return Conv(
         in_ch, out_ch, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
         use_bias=False, kernel_init=conv_init, rngs=rngs,
     )
@@ -74,6 +76,51 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x, axis=(1, 2))
 
 
+def _conv_out_size(size: int, k: int, stride: int, pad: tuple[int, int]) -> int:
+    return (size + pad[0] + pad[1] - k) // stride + 1
+
+
+def taps_is_faster(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides, padding) -> bool:
+    """Whether XLA:CPU's conv (or its gradient) hits its slow path for these shapes.
+
+    Measured (jax 0.10, XLA:CPU, batch 32, 64..512 channels): a kxk conv (k > 1) whose input
+    *or* output is smaller than the kernel in H or W runs at 1-8 GFLOP/s instead of 70-190
+    (e.g. 3x3 on a 2x2 map: 275 ms instead of ~5 ms; 5x5 on 4x4: 10 s), and so does its input
+    gradient (a conv over the output-sized cotangent: a stride-2 3x3 conv 4x4 -> 2x2 is fast
+    forward but 10x slower to differentiate). Sizes >= the kernel run at full speed, and there
+    the taps formulation is no faster (up to 2x slower), so it is not used.
+    """
+    kh, kw = kernel_hw
+    if kh == 1 and kw == 1:
+        return False
+    out_hw = tuple(_conv_out_size(n, k, s, p) for n, k, s, p in zip(in_hw, kernel_hw, strides, padding))
+    return any(n < k for n, k in zip(in_hw, kernel_hw)) or any(n < k for n, k in zip(out_hw, kernel_hw))
+
+
+def conv_taps(x: jax.Array, kernel: jax.Array, strides, padding, precision=None) -> jax.Array:
+    """A regular conv as a sum over the kh*kw taps of (strided slice of the padded input) @ kernel tap.
+
+    x: [B, H, W, Cin]; kernel: HWIO [kh, kw, Cin, Cout] (nnx.Conv's own parameter); ``strides``
+    (sh, sw); ``padding`` ((top, bottom), (left, right)) zeros. Equal to
+    ``lax.conv_general_dilated`` (NHWC/HWIO, no dilation, one group), forward and gradients.
+    """
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    sh, sw = strides
+    b, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    ho = _conv_out_size(h, kh, sh, padding[0])
+    wo = _conv_out_size(w, kw, sw, padding[1])
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            patch = jax.lax.slice(
+                xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1)
+            )
+            term = jnp.einsum("bhwc,cd->bhwd", patch, kernel[i, j], precision=precision)
+            out = term if out is None else out + term
+    return out
+
+
 def depthwise_shifted(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """Depthwise conv as kh*kw shifted multiply-adds; equal to the grouped conv.
 
@@ -96,6 +143,75 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array, stride: int, padding: int
             term = patch * kernel[i, j, 0, :]
             out = term if out is None else out + term
     return out
+
+
+def _explicit_pairs(padding) -> tuple[tuple[int, int], ...] | None:
+    """((top, bottom), (left, right)) from an explicit padding, else None (strings, ints)."""
+    if isinstance(padding, str) or not isinstance(padding, (tuple, list)) or len(padding) != 2:
+        return None
+    try:
+        return tuple((int(a), int(b)) for a, b in padding)
+    except (TypeError, ValueError):
+        return None
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` (same parameters, attributes and param paths) with a CPU-only "taps" formulation.
+
+    ``impl``: "lax" always ``lax.conv_general_dilated``; "taps" always ``conv_taps`` (when the
+    conv is a plain 2-D NHWC conv: one group, no dilation, explicit padding, no mask); "auto"
+    (default) uses "taps" on the CPU backend only for the shapes ``taps_is_faster`` names, else
+    "lax". The choice is static: made at trace time from shapes and ``jax.default_backend()``.
+    """
+
+    def __init__(self, *args, impl: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if impl not in CONV_MODES:
+            raise ConfigError(f"conv impl={impl!r} is not one of {CONV_MODES}; pick one of them")
+        self.impl = impl
+
+    def _taps_padding(self, x: jax.Array):
+        """The explicit padding when ``conv_taps`` can compute this call, else None."""
+        if x.ndim != 4 or len(self.kernel_size) != 2 or self.feature_group_count != 1 or self.mask is not None:
+            return None
+        for d in (self.input_dilation, self.kernel_dilation):
+            if d not in (None, 1) and tuple(d) != (1, 1):
+                return None
+        return _explicit_pairs(self.padding)
+
+    def uses_taps(self, x: jax.Array) -> bool:
+        if self.impl == "lax":
+            return False
+        padding = self._taps_padding(x)
+        if padding is None:
+            return False
+        if self.impl == "taps":
+            return True
+        return jax.default_backend() == "cpu" and taps_is_faster(
+            x.shape[1:3], tuple(self.kernel_size), self._strides(), padding
+        )
+
+    def _strides(self) -> tuple[int, int]:
+        s = self.strides
+        return (s, s) if isinstance(s, int) else tuple(s) if s is not None else (1, 1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not self.uses_taps(x):
+            return super().__call__(x)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        y = conv_taps(x, kernel, self._strides(), _explicit_pairs(self.padding), self.precision)
+        return y if bias is None else y + bias
+
+
+def set_conv_impl(model: nnx.Module, impl: str) -> None:
+    """Switch every ``Conv`` of ``model`` to ``impl`` ("auto" | "lax" | "taps") in place."""
+    if impl not in CONV_MODES:
+        raise ConfigError(f"conv impl={impl!r} is not one of {CONV_MODES}; pick one of them")
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Conv):
+            module.impl = impl
 
 
 class DepthwiseConv(nnx.Conv):

@@ -25,6 +25,9 @@ Module structure (walked by the ONNX exporter; torchvision key in brackets):
 [downsample.0] -> ``bn`` [downsample.1]; applied to the block input to form the identity.
 
 Every conv is bias-free with explicit padding k//2; every activation is ReLU (not ReLU6).
+Every conv is a ``layers.Conv`` (an nnx.Conv subclass, same parameters): on the CPU backend it
+computes the convs whose input or output is smaller than the kernel (layer4 at 64 px input is
+2x2) as a sum over kernel taps, because XLA:CPU runs those ~50-100x slower than it should.
 """
 
 from __future__ import annotations

@@ -1,0 +1,146 @@
+"""imat.train_jax.models.layers.Conv: the CPU-only "taps" formulation of a regular conv equals
+lax.conv (forward and gradients) and "auto" picks it only for the shapes XLA:CPU runs slowly."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from imat.errors import ConfigError
+from imat.train_jax.models import create_model
+from imat.train_jax.models.layers import Conv, conv, conv_taps, set_conv_impl, taps_is_faster
+
+
+def _lax(x, k, strides, padding):
+    return jax.lax.conv_general_dilated(
+        x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest"
+    )
+
+
+def _taps(x, k, strides, padding):
+    return conv_taps(x, k, strides, padding, precision="highest")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+
+
+# (H, W, kernel, stride): odd/even sizes, the 2x2-output case, 1x1 kernels, stride 2 -> 2x2 and 1x1.
+CASES = [
+    (2, 2, 3, 1), (3, 3, 3, 1), (2, 3, 3, 1), (5, 4, 3, 1), (1, 1, 3, 1), (7, 7, 3, 2), (4, 4, 3, 2),
+    (3, 3, 3, 2), (2, 2, 3, 2), (6, 5, 3, 2), (4, 4, 5, 1), (9, 9, 7, 2), (2, 2, 1, 1), (5, 5, 1, 2),
+]
+
+
+@pytest.mark.parametrize("h,w,k,stride", CASES)
+def test_taps_equals_lax_forward_and_gradients(h, w, k, stride):
+    rng = np.random.default_rng(h * 100 + w * 10 + k + stride)
+    x = jnp.asarray(rng.standard_normal((3, h, w, 6)), jnp.float32)
+    kern = jnp.asarray(rng.standard_normal((k, k, 6, 5)), jnp.float32)
+    strides, padding = (stride, stride), ((k // 2, k // 2), (k // 2, k // 2))
+    ref = _lax(x, kern, strides, padding)
+    out = jax.jit(_taps, static_argnums=(2, 3))(x, kern, strides, padding)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) <= 1e-5
+
+    cot = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+
+    def loss(f):
+        return lambda x, k: jnp.sum(f(x, k, strides, padding) * cot)
+
+    gx_ref, gk_ref = jax.grad(loss(_lax), argnums=(0, 1))(x, kern)
+    gx, gk = jax.jit(jax.grad(loss(_taps), argnums=(0, 1)))(x, kern)
+    assert _rel(gx, gx_ref) <= 1e-5
+    assert _rel(gk, gk_ref) <= 1e-5
+
+
+def test_taps_asymmetric_padding():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 5, 4, 3)), jnp.float32)
+    kern = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+    padding = ((0, 1), (2, 1))
+    assert _rel(_taps(x, kern, (2, 1), padding), _lax(x, kern, (2, 1), padding)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "in_hw,k,stride,expected",
+    [
+        ((2, 2), 3, 1, True),    # ResNet18 layer4 at 64 px: 2x2 -> 2x2
+        ((1, 1), 3, 1, True),
+        ((2, 3), 3, 1, True),
+        ((1, 4), 3, 1, True),
+        ((4, 4), 3, 2, True),    # output 2x2: forward fine, its input gradient is slow
+        ((2, 2), 3, 2, True),    # output 1x1
+        ((4, 4), 5, 1, True),
+        ((3, 3), 3, 1, False),   # ResNet18 layer4 at 96 px
+        ((4, 4), 3, 1, False),
+        ((6, 6), 3, 2, False),   # 6x6 -> 3x3
+        ((8, 8), 3, 2, False),
+        ((5, 5), 5, 1, False),
+        ((2, 2), 1, 1, False),   # 1x1 convs are never slow
+        ((4, 4), 1, 2, False),
+    ],
+)
+def test_taps_rule(in_hw, k, stride, expected):
+    p = k // 2
+    assert taps_is_faster(in_hw, (k, k), (stride, stride), ((p, p), (p, p))) is expected
+
+
+def _traced_ops(layer, x):
+    return str(jax.make_jaxpr(lambda x: layer(x))(x))
+
+
+def test_auto_dispatch_picks_taps_only_for_slow_shapes_on_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("the auto rule uses taps only on the CPU backend")
+    layer = conv(8, 8, 3, 1, rngs=nnx.Rngs(0))
+    assert isinstance(layer, Conv) and layer.impl == "auto"
+    small = jnp.zeros((2, 2, 2, 8))
+    big = jnp.zeros((2, 5, 5, 8))
+    assert layer.uses_taps(small) and not layer.uses_taps(big)
+    assert "conv_general_dilated" not in _traced_ops(layer, small)
+    assert "conv_general_dilated" in _traced_ops(layer, big)
+    strided = conv(8, 8, 3, 2, rngs=nnx.Rngs(0))
+    assert strided.uses_taps(jnp.zeros((2, 4, 4, 8))) and not strided.uses_taps(jnp.zeros((2, 6, 6, 8)))
+    assert not conv(8, 8, 1, 1, rngs=nnx.Rngs(0)).uses_taps(small)
+    # Forced modes; both give the same values.
+    set_conv_impl(layer, "lax")
+    assert not layer.uses_taps(small)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 2, 2, 8)), jnp.float32)
+    ref = layer(x)
+    set_conv_impl(layer, "taps")
+    assert layer.uses_taps(big)
+    assert _rel(layer(x), ref) <= 1e-5
+
+
+def test_auto_dispatch_keeps_lax_off_cpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    layer = conv(8, 8, 3, 1, rngs=nnx.Rngs(0))
+    assert not layer.uses_taps(jnp.zeros((2, 2, 2, 8)))
+
+
+def test_conv_impl_validation_and_unchanged_state():
+    with pytest.raises(ConfigError, match="impl"):
+        Conv(4, 4, (3, 3), impl="fast", rngs=nnx.Rngs(0))
+    m = create_model("resnet_tiny", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="impl"):
+        set_conv_impl(m, "fast")
+    keys = {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    assert "stem_conv/kernel" in keys and "layers/3/0/conv1/kernel" in keys
+    assert not any(k.endswith("bias") and "conv" in k for k in keys)
+
+
+def test_resnet_tiny_same_outputs_with_taps_and_lax():
+    # resnet_tiny at 32 px reaches 1x1 in layer4, so "auto" uses taps there on CPU.
+    m = create_model("resnet_tiny", rngs=nnx.Rngs(0))
+    m.eval()
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    set_conv_impl(m, "lax")
+    ref = m(images)["logits"]
+    set_conv_impl(m, "taps")
+    out = m(images)["logits"]
+    assert _rel(out, ref) <= 1e-4
