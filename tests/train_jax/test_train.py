@@ -103,11 +103,17 @@ def test_image_size_must_match_prepared_data(small_config, tmp_path):
 @pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "offline"])
 def test_triplet_learns_without_collapse(small_config, tmp_path, mining):
     steps = 60 if mining == "batch_hard" else 30
-    config = small_config(objective="triplet", mining=mining, steps=steps, eval_every=steps)
+    config = small_config(objective="triplet", mining=mining, steps=steps, eval_every=steps, log_every=1)
     result = train_and_evaluate(config, tmp_path)
     train = _rows(tmp_path, "train")
-    assert np.mean([r["loss"] for r in train[-2:]]) < np.mean([r["loss"] for r in train[:2]])
     val = result["val"]
+    if mining == "semi_hard":
+        # Its loss averages over the semi-hard triplets only, a set that gets harder as the model
+        # learns, so it need not fall; learning shows in the triplet accuracy (about 0.5 untrained).
+        assert val["triplet_accuracy"] > 0.65
+    else:
+        third = len(train) // 3  # per-step losses are noisy: compare the first and last thirds
+        assert np.mean([r["loss"] for r in train[-third:]]) < np.mean([r["loss"] for r in train[:third]])
     # Not collapsed: unit embeddings stay spread (all-identical would give 0).
     assert val["mean_pairwise_distance"] > 0.3
     assert train[-1]["mean_pairwise_distance"] > 0.3
