@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Steps between evaluations (default: each epoch).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints (default: each epoch).")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--mining", type=click.Choice(["batch_hard", "semi_hard", "offline"]), default="batch_hard", show_default=True,
+@click.option("--mining", type=click.Choice(["batch_hard", "semi_hard", "offline"]), default="semi_hard", show_default=True,
               help="Triplet mining (triplet objective only).")
 @click.option("--margin", type=float, default=0.2, show_default=True, help="Triplet margin (on squared distances of unit vectors).")
 @click.option("--embedding-dim", type=click.IntRange(min=1), default=128, show_default=True)

@@ -126,7 +126,7 @@ def loss_and_metrics(
     batch: dict,
     *,
     margin: float = DEFAULT_MARGIN,
-    mining: str = "batch_hard",
+    mining: str = "semi_hard",
     positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD,
     negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD,
     **_unused,
