@@ -27,8 +27,9 @@ class DemoConfig:
     query_images: int = 16  # separate synthetic photos used as queries
     eval_images: int = 150  # held-out synthetic set for leave-one-out evaluation
     seed: int = 0
-    # MobileNetV2 trains fastest on CPU here (its depthwise convs use imat's CPU formulation).
-    arch: str = "mobilenet_v2"
+    # ResNet18 at 64 px: 300 steps in about 2 minutes on 2 cores (imat's CPU conv formulation
+    # avoids XLA:CPU's slow path on its 2x2 layer4 maps) and a clearly better index than MobileNetV2.
+    arch: str = "resnet18"
     objective: str = "bce"
     image_size: int = 64
     steps: int = 300
