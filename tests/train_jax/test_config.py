@@ -11,7 +11,7 @@ from imat.train_jax.config import TrainConfig
 def test_defaults_follow_the_seed_report():
     c = TrainConfig(data_dir="d")
     assert (c.optimizer, c.learning_rate, c.batch_size, c.image_size, c.objective) == ("adam", 5e-4, 32, 128, "bce")
-    assert c.margin > 0 and c.mining == "batch_hard" and c.embedding_dim == 128 and c.seed == 0
+    assert c.margin > 0 and c.mining == "semi_hard" and c.embedding_dim == 128 and c.seed == 0
     assert c.validate() is c
 
 
