@@ -24,6 +24,7 @@ Thread-safe: no shared mutable state; PIL releases the GIL while decoding and re
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -85,17 +86,23 @@ def decode_image(source, size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE, mode:
         im = _image_from_array(source)
         return _finish(im, th, tw, mode, "<array>")
     name, opener = _opener(source)
+    with _as_decode_error(name), opener() as fp, Image.open(fp) as im:
+        _check_pixels(im, max_pixels, name)
+        orientation = _orientation(im)
+        if isinstance(im, JpegImagePlugin.JpegImageFile):  # JPEG and MPO (many phone photos)
+            sw, sh = _needed_size(im.size, th, tw, mode, orientation in _SWAPS_AXES)
+            im.draft("RGB", (math.ceil(sw * DRAFT_MARGIN), math.ceil(sh * DRAFT_MARGIN)))
+        im.load()
+        if orientation not in (None, 1):
+            im = ImageOps.exif_transpose(im)
+        return _finish(im, th, tw, mode, name)
+
+
+@contextlib.contextmanager
+def _as_decode_error(name: str):
+    """Turn what PIL and the OS raise for a bad file into one ImageDecodeError naming the file."""
     try:
-        with opener() as fp, Image.open(fp) as im:
-            _check_pixels(im, max_pixels, name)
-            orientation = _orientation(im)
-            if isinstance(im, JpegImagePlugin.JpegImageFile):  # JPEG and MPO (many phone photos)
-                sw, sh = _needed_size(im.size, th, tw, mode, orientation in _SWAPS_AXES)
-                im.draft("RGB", (math.ceil(sw * DRAFT_MARGIN), math.ceil(sh * DRAFT_MARGIN)))
-            im.load()
-            if orientation not in (None, 1):
-                im = ImageOps.exif_transpose(im)
-            return _finish(im, th, tw, mode, name)
+        yield
     except ImageDecodeError:
         raise
     except FileNotFoundError:
@@ -122,20 +129,11 @@ def decode_image(source, size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE, mode:
 def read_image_size(path) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after EXIF orientation; reads the header only."""
     name, opener = _opener(path)
-    try:
-        with opener() as fp, Image.open(fp) as im:
-            w, h = im.size
-            if _orientation(im) in _SWAPS_AXES:
-                w, h = h, w
-            return w, h
-    except FileNotFoundError:
-        raise ImageDecodeError(name, "file not found") from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError(name, "not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(name, f"too many pixels (decompression bomb guard): {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageDecodeError(name, f"corrupt or unreadable image header ({e})") from None
+    with _as_decode_error(name), opener() as fp, Image.open(fp) as im:
+        w, h = im.size
+        if _orientation(im) in _SWAPS_AXES:
+            w, h = h, w
+        return w, h
 
 
 # ---- helpers --------------------------------------------------------------------------------------

@@ -66,35 +66,13 @@ class ExportReport:
     parity: parity.ParityReport | None
 
 
-def export_onnx(
-    model,
-    out_path,
-    *,
-    image_size: int,
-    objective: str,
-    resize_mode: str = "stretch",
-    category_names: Sequence[str],
-    extra_metadata: dict | None = None,
-    validate: bool = True,
-    include_logits: bool = False,
-    tolerance: float = parity.DEFAULT_TOLERANCE,
-    validation_images: np.ndarray | None = None,
-    fold_batchnorm: bool = True,
-) -> pathlib.Path:
-    """Export ``model`` to ``out_path`` (one .onnx file, dynamic batch); returns the path.
+def export_onnx(model, out_path, **options) -> pathlib.Path:
+    """Export ``model`` to ``out_path`` (one .onnx file, dynamic batch) and return the path.
 
-    ``include_logits`` adds the raw classifier ``logits`` output (used to compare with
-    torchvision). ``validation_images`` (uint8 [N, S, S, 3], e.g. real photos) are compared in
-    the parity gate in addition to random images. ``fold_batchnorm=False`` keeps explicit
-    BatchNormalization nodes instead of folding them into the convs. ``extra_metadata`` values
-    that are not strings are stored as JSON. See ``export_onnx_report`` for timings/errors.
+    Keywords as ``export_onnx_report`` (``image_size``, ``objective``, ``category_names`` are
+    required), which also returns the parity errors, timings and file size.
     """
-    return export_onnx_report(
-        model, out_path, image_size=image_size, objective=objective, resize_mode=resize_mode,
-        category_names=category_names, extra_metadata=extra_metadata, validate=validate,
-        include_logits=include_logits, tolerance=tolerance, validation_images=validation_images,
-        fold_batchnorm=fold_batchnorm,
-    ).path
+    return export_onnx_report(model, out_path, **options).path
 
 
 def export_onnx_report(
@@ -112,7 +90,15 @@ def export_onnx_report(
     validation_images: np.ndarray | None = None,
     fold_batchnorm: bool = True,
 ) -> ExportReport:
-    """``export_onnx`` that also returns the parity errors, timings and file size."""
+    """Export ``model`` to ``out_path``; returns the parity errors, timings and file size.
+
+    ``include_logits`` adds the raw classifier ``logits`` output (used to compare with
+    torchvision). ``validation_images`` (uint8 [N, S, S, 3], e.g. real photos) are compared in
+    the parity gate in addition to random images. ``fold_batchnorm=False`` keeps explicit
+    BatchNormalization nodes instead of folding them into the convs. ``extra_metadata`` values
+    that are not strings are stored as JSON. The file is written to a temp name, checked
+    (checker, parity gate) and only then renamed into place.
+    """
     t0 = time.perf_counter()
     out_path = pathlib.Path(out_path)
     image_size = _check_options(objective, resize_mode, image_size, out_path)
