@@ -18,8 +18,11 @@ def median_seconds(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def train_step_rate(arch: str, image_size: int, batch_size: int, repeats: int = 5, objective: str = "bce"):
-    """(images/s of imat's jitted train step, the trained model): what the input pipeline must keep up with."""
+def train_step_rate(arch: str, image_size: int, batch_size: int, repeats: int = 5, objective: str = "bce",
+                    configure=None):
+    """(images/s of imat's jitted train step, the trained model): what the input pipeline must keep up with.
+
+    `configure(model)` runs before the step is traced (e.g. to force a conv formulation)."""
     import jax
     import optax
     from flax import nnx
@@ -29,6 +32,8 @@ def train_step_rate(arch: str, image_size: int, batch_size: int, repeats: int = 
     from imat.train_jax.train import make_train_step
 
     model = create_model(arch, rngs=nnx.Rngs(0))
+    if configure is not None:
+        configure(model)
     model.train()
     optimizer = nnx.Optimizer(model, optax.adam(5e-4), wrt=nnx.Param)
     step = make_train_step(nnx.graphdef(model), nnx.graphdef(optimizer), get_objective(objective), {})

@@ -12,6 +12,8 @@ share their weights and the script checks that their outputs agree before printi
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import statistics
 import time
 
@@ -20,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from imat.train_jax.models import MODELS, create_model, set_depthwise
+from imat.train_jax.models.layers import set_conv_impl
 
 
 def time_forward(model, images: np.ndarray, repeats: int) -> tuple[float, float, np.ndarray]:
@@ -45,6 +48,9 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--models", default="mobilenet_v2,resnet18,resnet34,resnet50",
                     help=f"comma-separated subset of {sorted(MODELS)}")
+    ap.add_argument("--train-size", type=int, default=64,
+                    help="also time the resnet18 train step at this size, standard convs vs imat's CPU "
+                         "tap formulation for tiny feature maps (0: skip)")
     args = ap.parse_args(argv)
 
     images = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
@@ -64,6 +70,19 @@ def main(argv=None) -> None:
         assert err <= 1e-4, f"grouped and shifted outputs differ (rel err {err:.2e})"
         print(f"{name:<14}{ips1:>15.1f}{ips2:>15.1f}{ips2 / ips1:>7.1f}x{c1:>10.1f} / {c2:.1f}"
               f"   (outputs agree, rel err {err:.1e})")
+
+    if args.train_size:
+        # At 64 px ResNet's layer4 runs on 2x2 maps, where XLA:CPU's convolution is ~100x slow.
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        from common import train_step_rate
+
+        rates = {
+            impl: train_step_rate("resnet18", args.train_size, args.batch, max(2, args.repeats // 2),
+                                  configure=lambda m, impl=impl: set_conv_impl(m, impl))[0]
+            for impl in ("lax", "auto")
+        }
+        print(f"\nresnet18 train step {args.train_size}px batch {args.batch}: standard convs {rates['lax']:.1f} img/s, "
+              f"auto (tap sums where slow) {rates['auto']:.1f} img/s, ratio {rates['auto'] / rates['lax']:.1f}x")
 
 
 if __name__ == "__main__":

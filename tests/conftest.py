@@ -39,3 +39,33 @@ def ccp_dev(shared_data) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def torchvision_ref() -> pathlib.Path:
     return _require(TORCHVISION_REF)
+
+
+HEAVY_MODULES = ("jax", "flax", "optax", "tensorflow_datasets", "tensorflow", "grain", "matplotlib",
+                 "onnxruntime", "faiss")
+
+
+@pytest.fixture(scope="session")
+def cli_in_fresh_process():
+    """run(argv) -> (CompletedProcess, heavy modules it imported): `imat argv` in a new interpreter.
+
+    For checks that a command stays light (help, data tools) whatever this test process imported.
+    """
+    import subprocess
+    import sys
+
+    def run(argv: list[str]):
+        code = (
+            "import sys\n"
+            "from imat.cli.main import main\n"
+            f"rc = main({argv!r})\n"
+            f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY_MODULES!r}))\n"
+            "print('HEAVY=' + ','.join(heavy))\n"
+            "sys.exit(rc)\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        heavy = proc.stdout.strip().splitlines()[-1].removeprefix("HEAVY=")
+        return proc, [m for m in heavy.split(",") if m]
+
+    return run

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -61,21 +59,11 @@ def test_check_errors_and_usage(tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_data_help_lists_subcommands_without_heavy_imports():
-    code = (
-        "import sys\n"
-        "from imat.cli.main import main\n"
-        "rc = main(['data', '--help'])\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'optax', 'tensorflow_datasets',"
-        " 'tensorflow', 'grain', 'matplotlib', 'onnxruntime', 'faiss'})\n"
-        "print('HEAVY=' + ','.join(heavy))\n"
-        "sys.exit(rc)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+def test_data_help_lists_subcommands_without_heavy_imports(cli_in_fresh_process):
+    proc, heavy = cli_in_fresh_process(["data", "--help"])
     for name in ("check", "synth", "stats", "prepare"):
         assert name in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1] == "HEAVY="
+    assert heavy == []
 
 
 def test_synth_then_check(tmp_path, capsys):
