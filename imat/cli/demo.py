@@ -13,7 +13,7 @@ _D = DemoConfig()
 @click.option("--workdir", default=_D.workdir, show_default=True, help="Where every stage writes (reruns resume).")
 @click.option("--arch", default=_D.arch, show_default=True, help="Model architecture.")
 @click.option("--objective", default=_D.objective, show_default=True,
-              type=click.Choice(["bce", "triplet", "rotation"]), help="Training objective.")
+              help="Training objective (see `imat train --help`).")
 @click.option("--steps", default=_D.steps, show_default=True, help="Training steps.")
 @click.option("--images", "gallery_images", default=_D.gallery_images, show_default=True,
               help="Synthetic training/gallery images.")

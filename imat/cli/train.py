@@ -1,4 +1,7 @@
-"""`imat train`: train a model on a prepared dataset (a thin wrapper over train_and_evaluate)."""
+"""`imat train`: train a model on a prepared dataset (a thin wrapper over train_and_evaluate).
+
+Objective names and help come from the objective registry (``imat.train_jax.objectives``).
+"""
 
 from __future__ import annotations
 
@@ -8,40 +11,56 @@ import logging
 import click
 
 from imat.constants import DEFAULT_IMAGE_SIZE
+from imat.train_jax.config import LR_SCHEDULES, TrainConfig
+from imat.train_jax.objectives import EMBEDDING_SOURCES, get_objective, objective_names
+from imat.train_jax.objectives.triplet import MINING
 
 logger = logging.getLogger(__name__)
+_D = TrainConfig()
+_OBJECTIVES_HELP = "; ".join(f"{n}: {get_objective(n).help}" for n in objective_names())
 
 
 @click.command("train")
-@click.option("--objective", type=click.Choice(["bce", "triplet", "rotation"]), default="bce", show_default=True,
-              help="bce: multi-label categories; triplet: metric learning; rotation: self-supervised.")
-@click.option("--arch", default="resnet18", show_default=True, help="Model architecture (resnet18, resnet34, resnet50, mobilenet_v2, resnet_tiny).")
+@click.option("--objective", type=click.Choice(objective_names()), default=_D.objective, show_default=True,
+              help=_OBJECTIVES_HELP)
+@click.option("--arch", default=_D.arch, show_default=True, help="Model architecture (resnet18, resnet34, resnet50, mobilenet_v2, resnet_tiny).")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
               help="Prepared dataset folder (printed by `imat data prepare`).")
 @click.option("--workdir", required=True, type=click.Path(file_okay=False),
               help="Run folder: config.json, metrics.jsonl, curves.png, checkpoints/. Rerun to resume.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs to train (default 10).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help=f"Epochs to train (default {_D.epochs}).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps to train (overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", "learning_rate", type=float, default=5e-4, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, show_default=True)
+@click.option("--lr", "learning_rate", type=float, default=_D.learning_rate, show_default=True, help="Peak learning rate.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=_D.lr_schedule, show_default=True,
+              help="constant (the seed's Adam) or cosine decay after a short warm-up.")
+@click.option("--weight-decay", type=click.FloatRange(min=0.0), default=_D.weight_decay, show_default=True,
+              help="> 0: AdamW with this decoupled weight decay.")
 @click.option("--image-size", type=click.IntRange(min=8), default=DEFAULT_IMAGE_SIZE, show_default=True,
               help="Must match the prepared dataset.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_D.seed, show_default=True)
 @click.option("--init", type=click.Path(dir_okay=False), default=None,
-              help="ImageNet weights (.safetensors, torchvision layout) to start from.")
+              help="ImageNet weights (.safetensors, torchvision or timm names) to start the backbone from.")
+@click.option("--init-from", type=click.Path(file_okay=False), default=None,
+              help="Another run's folder: start from its latest checkpoint (backbone; heads whose shapes match; "
+                   "fresh optimizer). E.g. rotation pre-training, then bce/triplet fine-tuning.")
+@click.option("--freeze-backbone/--no-freeze-backbone", default=False, show_default=True,
+              help="Train only the heads (a linear probe on a pre-trained backbone).")
+@click.option("--embedding-source", type=click.Choice(EMBEDDING_SOURCES), default=None,
+              help="Model output served as model.onnx's embedding (default: the objective's; must be one it trains).")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Steps between evaluations (default: each epoch).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints (default: each epoch).")
-@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--mining", type=click.Choice(["batch_hard", "semi_hard", "offline"]), default="semi_hard", show_default=True,
+@click.option("--log-every", type=click.IntRange(min=1), default=_D.log_every, show_default=True)
+@click.option("--mining", type=click.Choice(MINING), default=_D.mining, show_default=True,
               help="Triplet mining (triplet objective only).")
-@click.option("--margin", type=float, default=0.2, show_default=True, help="Triplet margin (on squared distances of unit vectors).")
-@click.option("--embedding-dim", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--margin", type=float, default=_D.margin, show_default=True, help="Triplet margin (on squared distances of unit vectors).")
+@click.option("--embedding-dim", type=click.IntRange(min=1), default=_D.embedding_dim, show_default=True)
 @click.option("--width-mult", type=float, default=None, help="MobileNetV2 width multiplier (default 1.0).")
-@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--augment/--no-augment", default=False, show_default=True, help="Random resized crop + flip + colour jitter.")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=_D.keep_checkpoints, show_default=True)
+@click.option("--augment/--no-augment", default=False, show_default=True,
+              help="Random resized crop (60-100%% of the area) + horizontal flip; no colour changes.")
 def train(data_dir, workdir, epochs, steps, **options) -> None:
     """Train a model; prints the final validation metrics as JSON."""
-    from imat.train_jax.config import TrainConfig
     from imat.train_jax.train import train_and_evaluate
 
     if epochs is None and steps is None:

@@ -4,12 +4,14 @@ The file takes uint8 NHWC images ``images [batch, S, S, 3]`` (normalisation is i
 graph) and gives ``embedding [batch, D]`` (L2-normalised) and, for models whose objective
 trains the classifier (bce), ``probabilities [batch, C]`` = sigmoid(logits).
 
-Which embedding is exported depends on the objective (recorded as ``embedding_source``):
-- bce, triplet: the embedding head (Dense on the pooled features, then L2 normalisation);
-- rotation: the backbone's pooled features, L2-normalised. Self-supervised rotation training
-  never trains the embedding head or the classifier; its backbone features are what
-  retrieval uses, so ``embedding_dim`` is the backbone width (512 for ResNet18, ...).
-Triplet and rotation models export no ``probabilities``: their classifier is untrained.
+Which output is exported as ``embedding`` (recorded as ``embedding_source``) and whether
+``probabilities`` are exported come from the objective's spec (``imat.train_jax.objectives``),
+or from the run's ``--embedding-source``: always something the objective trained. The sources:
+- ``embedding``: the embedding head (Dense on the pooled features, then L2 normalisation);
+- ``pooled``: the backbone's pooled features, L2-normalised (``embedding_dim`` is then the
+  backbone width, 512 for ResNet18, ...);
+- ``probabilities``: the classifier's sigmoid probabilities, L2-normalised.
+An objective that does not train the classifier exports no ``probabilities``.
 
 Nothing reaches ``out_path`` unless the graph passes ``onnx.checker`` (full check) and the
 parity gate (``validate.check_parity``: ONNX Runtime vs the JAX model on the same images);
@@ -34,16 +36,11 @@ from imat.errors import ConfigError, ModelError
 from imat.fileio import atomic_path
 from imat.export import validate as parity
 from imat.export.graph import GraphBuilder
-from imat.export.translate import build_backbone, pooled_embedding
+from imat.export.translate import build_backbone, normalized_embedding
+from imat.train_jax.objectives import get_objective
 
 logger = logging.getLogger(__name__)
 
-# objective -> (embedding source, export probabilities?)
-OBJECTIVES: dict[str, tuple[str, bool]] = {
-    "bce": ("embedding_head", True),
-    "triplet": ("embedding_head", False),
-    "rotation": ("pooled", False),
-}
 METADATA_KEYS = (
     "imat_version", "architecture", "objective", "image_size", "resize_mode", "embedding_dim",
     "category_names", "fingerprint", "outputs", "embedding_source",
@@ -82,6 +79,7 @@ def export_onnx_report(
     image_size: int,
     objective: str,
     resize_mode: str = "stretch",
+    embedding_source: str | None = None,
     category_names: Sequence[str],
     extra_metadata: dict | None = None,
     validate: bool = True,
@@ -95,40 +93,45 @@ def export_onnx_report(
     ``include_logits`` adds the raw classifier ``logits`` output (used to compare with
     torchvision). ``validation_images`` (uint8 [N, S, S, 3], e.g. real photos) are compared in
     the parity gate in addition to random images. ``fold_batchnorm=False`` keeps explicit
-    BatchNormalization nodes instead of folding them into the convs. ``extra_metadata`` values
+    BatchNormalization nodes instead of folding them into the convs. ``embedding_source``
+    (default: the objective's) must be an output the objective trains. ``extra_metadata`` values
     that are not strings are stored as JSON. The file is written to a temp name, checked
     (checker, parity gate) and only then renamed into place.
     """
     t0 = time.perf_counter()
     out_path = pathlib.Path(out_path)
-    image_size = _check_options(objective, resize_mode, image_size, out_path)
-    embedding_source, with_probabilities = OBJECTIVES[objective]
+    image_size = _check_options(resize_mode, image_size, out_path)
+    embedding_source = served_output(objective, embedding_source)
+    with_probabilities = get_objective(objective).exports_probabilities
     category_names = [str(n) for n in category_names]
 
     g = GraphBuilder(fold_bn=fold_batchnorm)
     tensors = build_backbone(g, model, image_size)
-    outputs: list[str] = []
-    if embedding_source == "pooled":
-        g.add_output(pooled_embedding(g, tensors.pooled), "embedding")
-    else:
-        g.add_output(tensors.embedding, "embedding")
-    outputs.append("embedding")
-    embedding_dim = int(g.shape("embedding")[1])
-    if with_probabilities or include_logits:
+    probabilities = None
+    if with_probabilities or include_logits or embedding_source == "probabilities":
         if tensors.logits is None:
             raise ModelError(f"{type(model).__name__} has no classifier head, so it has no probabilities/logits")
         num_classes = int(g.shape(tensors.logits)[1])
-        if with_probabilities:
-            if len(category_names) != num_classes:
-                raise ConfigError(
-                    f"category_names has {len(category_names)} names but the model's classifier has "
-                    f"{num_classes} outputs; pass one name per class"
-                )
-            g.add_output(g.sigmoid(tensors.logits, name="probabilities_sigmoid"), "probabilities")
-            outputs.append("probabilities")
-        if include_logits:
-            g.add_output(tensors.logits, "logits")
-            outputs.append("logits")
+        if with_probabilities and len(category_names) != num_classes:
+            raise ConfigError(
+                f"category_names has {len(category_names)} names but the model's classifier has "
+                f"{num_classes} outputs; pass one name per class"
+            )
+        probabilities = g.sigmoid(tensors.logits, name="probabilities_sigmoid")
+    outputs: list[str] = []
+    if embedding_source == "embedding":
+        g.add_output(tensors.embedding, "embedding")
+    else:
+        source = tensors.pooled if embedding_source == "pooled" else probabilities
+        g.add_output(normalized_embedding(g, source, embedding_source), "embedding")
+    outputs.append("embedding")
+    embedding_dim = int(g.shape("embedding")[1])
+    if with_probabilities:
+        g.add_output(probabilities, "probabilities")
+        outputs.append("probabilities")
+    if include_logits:
+        g.add_output(tensors.logits, "logits")
+        outputs.append("logits")
     fingerprint = g.fingerprint()
     metadata = {
         "imat_version": __version__,
@@ -170,7 +173,7 @@ def export_onnx_report(
         t_write = time.perf_counter()
         if validate:
             images = validate_images(image_size, validation_images)
-            report = check_parity_jax(tmp, model, objective, outputs, images, tolerance=tolerance,
+            report = check_parity_jax(tmp, model, embedding_source, outputs, images, tolerance=tolerance,
                                       display_path=out_path)
         t_validate = time.perf_counter()
     seconds = {
@@ -185,9 +188,18 @@ def export_onnx_report(
     return ExportReport(out_path, tuple(outputs), fingerprint, size, seconds, report)
 
 
-def _check_options(objective: str, resize_mode: str, image_size, out_path: pathlib.Path) -> int:
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective {objective!r} is not one of {sorted(OBJECTIVES)}")
+def served_output(objective: str, embedding_source: str | None = None) -> str:
+    """The model output exported as ``embedding``: ``embedding_source`` or the objective's default;
+    ConfigError for an unknown objective or an output the objective does not train."""
+    spec = get_objective(objective)
+    source = embedding_source or spec.embedding_source
+    if source not in spec.trains:
+        raise ConfigError(f"embedding source {source!r} is not trained by objective {objective!r} "
+                          f"(it trains {', '.join(sorted(spec.trains))})")
+    return source
+
+
+def _check_options(resize_mode: str, image_size, out_path: pathlib.Path) -> int:
     if resize_mode not in RESIZE_MODES:
         raise ConfigError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
     try:
@@ -225,21 +237,22 @@ def validate_images(image_size: int, extra: np.ndarray | None) -> np.ndarray:
     return np.concatenate([extra, images])
 
 
-def jax_reference(model, objective: str, outputs: Sequence[str]):
+def jax_reference(model, embedding_source: str, outputs: Sequence[str]):
     """images uint8 -> {output: array} computed by the JAX model (eval mode, on a clone)."""
     import jax
     from flax import nnx
 
     from imat.train_jax.models.heads import l2_normalize
+    from imat.train_jax.train import retrieval_outputs
 
     ref = nnx.clone(model)
     ref.eval()  # BatchNorm running averages, no dropout; the caller's model keeps its mode
-    embedding_source, _ = OBJECTIVES[objective]
 
     @nnx.jit
     def forward(m, images):
         out = m(images)
-        res = {"embedding": l2_normalize(out["pooled"]) if embedding_source == "pooled" else out["embedding"]}
+        source = retrieval_outputs(out)[embedding_source]
+        res = {"embedding": source if embedding_source == "embedding" else l2_normalize(source)}
         if "probabilities" in outputs or "logits" in outputs:
             # logits also give the probabilities' error scale (validate.compare)
             res["logits"] = out["logits"]
@@ -250,10 +263,10 @@ def jax_reference(model, objective: str, outputs: Sequence[str]):
     return lambda images: {k: np.asarray(v) for k, v in forward(ref, images).items()}
 
 
-def check_parity_jax(path, model, objective: str, outputs: Sequence[str], images: np.ndarray, *,
+def check_parity_jax(path, model, embedding_source: str, outputs: Sequence[str], images: np.ndarray, *,
                      tolerance: float = parity.DEFAULT_TOLERANCE, display_path=None) -> parity.ParityReport:
     """The parity gate for an imat model: ``path`` (ONNX Runtime) vs ``model`` (JAX, eval mode)."""
-    return parity.check_parity(path, jax_reference(model, objective, outputs), outputs, images,
+    return parity.check_parity(path, jax_reference(model, embedding_source, outputs), outputs, images,
                                tolerance=tolerance, display_path=display_path)
 
 
@@ -293,34 +306,79 @@ def export_run_report(run_dir, out_path, step: int | None = None, *, tolerance: 
     run_dir = pathlib.Path(run_dir)
     if not run_dir.is_dir():
         raise ModelError(f"run directory {run_dir} does not exist; pass the workdir given to `imat train`")
+    check_run_health(run_dir)
     model, config = load_model_from_run(run_dir, step=step)
     for key in ("objective", "image_size"):
         if key not in config:
             raise ModelError(f"{run_dir / 'config.json'} has no {key!r}; is this an imat training run?")
     objective = config["objective"]
     image_size = int(config["image_size"])
-    names = _category_names(run_dir, config, model)
     extra = {"source_run": run_dir.resolve().name}
     restored_step = config.get("checkpoint_step", step)
     if restored_step is not None:
         extra["checkpoint_step"] = str(int(restored_step))
+    split = _prepared_split(config)
     return export_onnx_report(
-        model, out_path, image_size=image_size, objective=objective,
-        resize_mode=config.get("resize_mode") or "stretch", category_names=names, extra_metadata=extra,
-        validate=True, include_logits=include_logits, tolerance=tolerance,
-        validation_images=_run_images(config, image_size),
+        model, out_path, image_size=image_size, objective=objective, resize_mode=_run_resize_mode(run_dir, config, split),
+        embedding_source=config.get("embedding_source") or config.get("retrieval_output"), category_names=_category_names(config, split),
+        extra_metadata=extra, validate=True, include_logits=include_logits, tolerance=tolerance,
+        validation_images=_run_images(split, image_size),
     )
 
 
-def _category_names(run_dir: pathlib.Path, config: dict, model) -> list[str]:
+def check_run_health(run_dir: pathlib.Path) -> None:
+    """ModelError when the run's logged losses show it diverged (``train_jax.divergence``): such a
+    model would serve garbage, whatever its parity."""
+    from imat.train_jax.divergence import divergence
+
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)):
+                rows.append(row)
+    train = [float(r["loss"]) for r in rows if r.get("split") == "train"]
+    val = [float(r["loss"]) for r in rows if r.get("split") == "val"]
+    why = divergence(train)
+    if why is None and val and train:
+        why = divergence([train[0], *val[-1:] * 3])  # the last evaluation alone, against the healthy start
+    if why:
+        raise ModelError(f"{run_dir} diverged in training ({why}; see {path}); not exporting it: retrain with "
+                         "a lower --lr")
+
+
+def _prepared_split(config: dict):
+    """The run's validation split (labels in RAM, images read on demand), when the dataset is still there."""
+    data_dir = config.get("data_dir")
+    if not data_dir or not pathlib.Path(data_dir).exists():
+        return None
+    from imat.data_tools.prepared import PreparedSplit
+
+    try:
+        return PreparedSplit.open(data_dir, "validation", cache=False)
+    except Exception as e:  # moved or damaged: export still works from the run alone
+        logger.warning("cannot read the run's prepared dataset %s (%s)", data_dir, e)
+        return None
+
+
+def _run_resize_mode(run_dir: pathlib.Path, config: dict, split) -> str:
+    """The resize mode training saw: the run's record, else (runs before imat recorded it) the dataset's."""
+    mode = config.get("resize_mode") or (split.resize_mode if split is not None else None)
+    if mode is None:
+        logger.warning("%s records no resize mode and its dataset is gone; assuming 'stretch'", run_dir)
+        return "stretch"
+    return mode
+
+
+def _category_names(config: dict, split) -> list[str]:
     from imat.data_tools.labels import LabelSpace
 
-    if config.get("category_names"):
-        return [str(n) for n in config["category_names"]]
-    candidates = [run_dir / "label_descriptions.json"]
-    if config.get("data_dir"):
-        candidates.append(pathlib.Path(config["data_dir"]) / "label_descriptions.json")
-    labels = next((LabelSpace.from_json(p) for p in candidates if p.is_file()), None) or LabelSpace.default()
+    path = split.data_dir / "label_descriptions.json" if split is not None else None
+    labels = LabelSpace.from_json(path) if path is not None and path.is_file() else LabelSpace.default()
     names = list(labels.category_names)
     num_classes = int(config.get("num_classes", len(names)))
     if num_classes != len(names):
@@ -331,24 +389,10 @@ def _category_names(run_dir: pathlib.Path, config: dict, model) -> list[str]:
     return names
 
 
-def _run_images(config: dict, image_size: int, count: int = 8) -> np.ndarray | None:
-    """A few real images from the run's prepared dataset, when it is still there (best effort)."""
-    data_dir = config.get("data_dir")
-    if not data_dir or not pathlib.Path(data_dir).exists():
+def _run_images(split, image_size: int, count: int = 8) -> np.ndarray | None:
+    """A few real validation images of the run's dataset for the parity gate, when it is there."""
+    if split is None or split.image_size != image_size or split.num_examples == 0:
         return None
-    try:
-        from imat.data_tools.pipelines import PreparedSplit
-    except ImportError:
-        return None
-    for split_name in ("validation", "val", "test", "train"):
-        try:
-            split = PreparedSplit.open(data_dir, split_name, cache=False)
-            n = min(count, split.num_examples)
-            images = np.asarray(split.images(list(range(n))))
-        except Exception as e:  # a missing split or an old layout: random images still validate
-            logger.debug("no %s images from %s: %s", split_name, data_dir, e)
-            continue
-        if images.ndim == 4 and images.shape[1:] == (image_size, image_size, 3) and images.dtype == np.uint8:
-            logger.info("parity check uses %d real images from %s (%s)", n, data_dir, split_name)
-            return images
-    return None
+    n = min(count, split.num_examples)
+    logger.info("parity check uses %d real images from %s", n, split.data_dir)
+    return np.asarray(split.images(list(range(n))))

@@ -137,8 +137,8 @@ def build_backbone(g: GraphBuilder, model, image_size: int) -> Tensors:
     return Tensors(pooled=pooled, logits=logits, embedding=embedding)
 
 
-def pooled_embedding(g: GraphBuilder, pooled: str) -> str:
-    """L2-normalised backbone features, the retrieval embedding of rotation-objective models."""
+def normalized_embedding(g: GraphBuilder, tensor: str, name: str) -> str:
+    """L2-normalised ``tensor`` (pooled features or probabilities) as a retrieval embedding."""
     from imat.train_jax.models.heads import EMBED_EPSILON
 
-    return g.l2_normalize(pooled, eps=EMBED_EPSILON, mode="max", name="pooled.l2norm")
+    return g.l2_normalize(tensor, eps=EMBED_EPSILON, mode="max", name=f"{name}.l2norm")

@@ -68,6 +68,11 @@ def from_saveable(template_state, saved: dict):
     return state
 
 
+def _finite(state) -> bool:
+    leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
 class CheckpointStore:
     """Orbax CheckpointManager over ``workdir/checkpoints`` keeping the last ``keep`` steps."""
 
@@ -139,6 +144,10 @@ class CheckpointStore:
                 )
                 if quarantine:
                     self._quarantine(step)
+                continue
+            if not _finite(model_state):
+                logger.warning("checkpoint %s holds non-finite parameters (a diverged run); skipping it",
+                               self.directory / str(step))
                 continue
             return step, model_state, opt_state, meta
         return None

@@ -5,10 +5,10 @@ Adam with learning rate 5e-4, batch 32, BCE with macro F1 at 0.5 as the headline
 metric. imat's own choices: architecture ``resnet18`` (the standard ImageNet
 baseline, with torchvision weights to initialise from; ``mobilenet_v2`` is the
 lighter option), triplet margin 0.2 on L2-normalised embeddings with
-``semi_hard`` in-batch mining (the report's margin-0 model collapsed), 10 epochs.
-Semi-hard, not batch-hard, by default: trained from scratch on ccp-dev (500 real photos,
-MobileNetV2, 300 steps) batch-hard collapsed (mean pairwise distance 0.05, triplet
-accuracy 0.50) while semi-hard kept the embeddings spread (1.23); see benchmarks/RESULTS.md.
+``semi_hard`` in-batch mining (the report's margin-0 model collapsed; batch-hard
+collapsed on real photos, see benchmarks/RESULTS.md), 10 epochs.
+Objective-specific facts (loss options, pipeline, heads, what is exported) live in the
+objective's spec (``imat.train_jax.objectives``); this module only validates through it.
 
 A config is stored as ``workdir/config.json`` (plus package versions) and is the
 only thing needed to rebuild the model (``checkpoint.load_model_from_run``).
@@ -21,18 +21,19 @@ import json
 import pathlib
 from typing import Any
 
-from imat.constants import DEFAULT_IMAGE_SIZE, NUM_CATEGORIES
+from imat.constants import DEFAULT_IMAGE_SIZE, NUM_CATEGORIES, RESIZE_MODES
 from imat.errors import ConfigError
+from imat.relevance import NEGATIVE_THRESHOLD, POSITIVE_THRESHOLD
 
-OBJECTIVES = ("bce", "triplet", "rotation")
-MINING = ("batch_hard", "semi_hard", "offline")
 OPTIMIZERS = ("adam",)
+LR_SCHEDULES = ("constant", "cosine")
 
 # Options that change the model, the optimizer state or the batch sequence: a rerun in
-# an existing workdir must keep them, or resuming would be meaningless or impossible.
+# an existing workdir must keep them (plus the objective's own resume_keys), or resuming
+# would be meaningless or impossible.
 RESUME_KEYS = (
     "arch", "objective", "embedding_dim", "num_classes", "image_size", "batch_size",
-    "seed", "optimizer", "mining", "augment", "depthwise", "width_mult",
+    "seed", "optimizer", "augment", "depthwise", "width_mult",
 )
 
 
@@ -57,28 +58,48 @@ class TrainConfig:
     num_classes: int = NUM_CATEGORIES
     margin: float = 0.2
     mining: str = "semi_hard"
-    positive_threshold: float = 0.5  # Jaccard: triplet positive and retrieval relevance
-    negative_threshold: float = 0.25  # Jaccard below this (or no shared category): triplet negative
+    positive_threshold: float = POSITIVE_THRESHOLD  # imat.relevance: triplet positive and retrieval relevance
+    negative_threshold: float = NEGATIVE_THRESHOLD  # imat.relevance: triplet negative below this
     init: str | None = None  # ImageNet safetensors to initialise the backbone
+    init_from: str | None = None  # another run's folder: start from its latest checkpoint (backbone + matching heads)
+    freeze_backbone: bool = False  # train only the heads (a linear probe)
+    lr_schedule: str = "constant"  # the seed's constant Adam rate, or cosine decay with a short warm-up
+    weight_decay: float = 0.0  # > 0: AdamW (decoupled weight decay)
     depthwise: str = "auto"
     width_mult: float | None = None  # mobilenet_v2 width multiplier (None: the architecture's 1.0)
     augment: bool = False
     map_k: int = 10
+    # Served as model.onnx's `embedding`; None: the objective's default (its spec).
+    embedding_source: str | None = None
+    # The prepared dataset's resize mode, recorded from it at train time (None: not yet known);
+    # export writes it into model.onnx so the engine decodes queries as training did.
+    resize_mode: str | None = None
+
+    @property
+    def spec(self):
+        """The objective's ObjectiveSpec (ConfigError for an unknown objective)."""
+        from imat.train_jax.objectives import get_objective
+
+        return get_objective(self.objective)
+
+    @property
+    def relevance(self):
+        """The relevance rule (imat.relevance) with this run's thresholds."""
+        from imat.relevance import Relevance
+
+        return Relevance(self.positive_threshold, self.negative_threshold)
 
     @property
     def rotation_head(self) -> bool:
-        return self.objective == "rotation"
+        return self.spec.rotation_head
 
     @property
-    def pipeline_mining(self) -> str:
-        """The data pipeline's mining mode: in-batch miners need "online" batches."""
-        return "offline" if self.mining == "offline" else "online"
+    def retrieval_output(self) -> str:
+        """The model output served as the retrieval embedding."""
+        return self.embedding_source or self.spec.embedding_source
 
     def objective_kwargs(self) -> dict[str, Any]:
-        if self.objective == "triplet":
-            return {"margin": self.margin, "mining": self.mining, "positive_threshold": self.positive_threshold,
-                    "negative_threshold": self.negative_threshold}
-        return {}
+        return self.spec.options(self)
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first bad option; returns self."""
@@ -86,10 +107,15 @@ class TrainConfig:
         def bad(option: str, message: str):
             raise ConfigError(f"invalid option {option}: {message}")
 
-        if self.objective not in OBJECTIVES:
-            bad("--objective", f"{self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.mining not in MINING:
-            bad("--mining", f"{self.mining!r}; choose one of {', '.join(MINING)}")
+        spec = self.spec  # ConfigError naming --objective when unknown
+        problem = spec.validate(self)
+        if problem:
+            raise ConfigError(f"invalid option {problem}")
+        if self.embedding_source is not None and self.embedding_source not in spec.trains:
+            bad("--embedding-source", f"{self.embedding_source!r}: objective {self.objective!r} trains only "
+                f"{', '.join(sorted(spec.trains))}")
+        if self.resize_mode is not None and self.resize_mode not in RESIZE_MODES:
+            bad("resize_mode", f"{self.resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"{self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if not self.arch:
@@ -107,10 +133,14 @@ class TrainConfig:
                 bad(f"--{name.replace('_', '-')}", f"{value!r} must be a positive integer")
         if self.epochs is None and self.steps is None:
             bad("--epochs/--steps", "give one of them")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("--lr-schedule", f"{self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if not (self.weight_decay >= 0):
+            bad("--weight-decay", f"{self.weight_decay!r} must be >= 0")
+        if self.init_from is not None and not (pathlib.Path(self.init_from) / "config.json").is_file():
+            bad("--init-from", f"{self.init_from} is not a training run folder (no config.json)")
         if not (self.learning_rate > 0):
             bad("--lr", f"{self.learning_rate!r} must be > 0")
-        if not (self.margin >= 0):
-            bad("--margin", f"{self.margin!r} must be >= 0")
         if not (0 < self.positive_threshold <= 1):
             bad("positive_threshold", f"{self.positive_threshold!r} must be in (0, 1]")
         if not (0 <= self.negative_threshold <= self.positive_threshold):
@@ -126,6 +156,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["rotation_head"] = self.rotation_head  # recorded for load_model_from_run / export
+        d["retrieval_output"] = self.retrieval_output
         return d
 
     def to_json(self) -> str:
@@ -134,7 +165,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        derived = {"rotation_head", "versions"}
+        derived = {"rotation_head", "retrieval_output", "versions"}
         unknown = set(d) - known - derived
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -154,7 +185,7 @@ class TrainConfig:
 
     def resume_conflicts(self, previous: "TrainConfig") -> list[str]:
         """Options (RESUME_KEYS) whose values differ from ``previous``: "name: old -> new"."""
-        keys = [k for k in RESUME_KEYS if k != "mining" or self.objective == "triplet"]
+        keys = [*RESUME_KEYS, *self.spec.resume_keys]
         return [
             f"{k}: {getattr(previous, k)!r} -> {getattr(self, k)!r}"
             for k in keys

@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import logging
 import pathlib
+from collections.abc import Sequence
 
 from imat.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
-# Metrics worth a curve, per objective (others stay in metrics.jsonl only).
-CURVE_METRICS = {
-    "bce": ("loss", "f1_macro", "f1_micro", "map@10", "map@10_pooled"),
-    "triplet": ("loss", "triplet_accuracy", "active_fraction", "mean_pairwise_distance", "map@10"),
-    "rotation": ("loss", "rotation_accuracy", "map@10"),
-}
 
-
-def plot_curves(rows: list[dict], out_path, objective: str) -> pathlib.Path | None:
-    """Plot train/val rows of metrics.jsonl into ``out_path`` (PNG); None when there is nothing to plot."""
+def plot_curves(rows: list[dict], out_path, metrics: Sequence[str]) -> pathlib.Path | None:
+    """Plot train/val rows of metrics.jsonl into ``out_path`` (PNG), one subplot per name in
+    ``metrics`` (an objective's ``curve_metrics``); None when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure  # the OO API: no global pyplot state, thread-safe
 
-    keys = [k for k in CURVE_METRICS.get(objective, ("loss",)) if any(k in r for r in rows)]
+    keys = [k for k in metrics if any(k in r for r in rows)]
     if not keys:
         return None
     fig = Figure(figsize=(4.0 * len(keys), 3.2), constrained_layout=True)

@@ -5,17 +5,19 @@ One jitted, pure ``train_step((model_state, opt_state), batch) -> (state, metric
 sharded over a "data" mesh axis and the state replicated (sharding.py). Batches
 are a pure function of (seed, step), so a rerun in the same workdir restores
 the latest checkpoint and continues with exactly the batches it would have seen.
+What differs between objectives (loss, pipeline, heads, retrieval output, curves)
+comes from the objective's spec (``imat.train_jax.objectives``), never from here.
 
 Evaluation (every ``eval_every`` steps and at the end), on the validation split:
 * the objective's metrics over up to ``max_eval_batches`` validation batches of
-  the same pipeline kind (bce: loss, F1 micro/macro from summed counts; triplet:
-  loss, triplet accuracy, active fraction, mean pairwise distance; rotation:
-  loss, rotation accuracy), with the model in eval mode;
-* retrieval ``map@10``: every validation image queried against all others,
-  relevance Jaccard(category sets) >= 0.5. Features: ``embedding`` for bce and
-  triplet, ``pooled`` for rotation (its embedding head is never trained; the
-  backbone features are what it learns); bce also reports ``map@10_pooled``
-  because its embedding head is not trained by BCE either.
+  its pipeline kind, with the model in eval mode;
+* retrieval ``map@10``: every validation image queried against all others
+  (relevance: ``imat.relevance``) with the output model.onnx will serve, plus
+  ``map@10_<output>`` for each other output the objective trains, so the
+  choice of the served output is measured in every run.
+
+Training stops with ModelError when the loss diverges (``divergence.py``); a
+checkpoint is never written from non-finite parameters.
 
 Files in ``workdir`` (written by process 0, each to a temp file then renamed):
 ``config.json`` (the TrainConfig + package versions), ``metrics.jsonl`` (train
@@ -25,6 +27,7 @@ rows every ``log_every`` steps, val rows at each evaluation), ``curves.png`` and
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -34,22 +37,22 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from imat.fileio import atomic_write_text
 from imat.errors import ConfigError, ModelError
+from imat.fileio import atomic_write_text
 from imat.train_jax import sharding
 from imat.train_jax.checkpoint import CHECKPOINT_DIR, CheckpointStore, build_model
 from imat.train_jax.config import TrainConfig
 from imat.train_jax.curves import plot_curves
+from imat.train_jax.divergence import divergence
+from imat.train_jax.init_from import init_from_run, is_head_path
 from imat.train_jax.metrics import MetricAccumulator, retrieval_map_at_k
-from imat.train_jax.objectives import PIPELINE_KIND, get_objective
 
 logger = logging.getLogger(__name__)
-
-RETRIEVAL_FEATURE = {"bce": "embedding", "triplet": "embedding", "rotation": "pooled"}
 
 
 # ---- small helpers -------------------------------------------------------------------------------
@@ -118,37 +121,52 @@ def _to_host(tree):
 
 # ---- jitted steps ----------------------------------------------------------------------------------
 
-def make_train_step(model_graphdef, opt_graphdef, objective, objective_kwargs: dict):
-    """jit((model_state, opt_state), batch) -> ((model_state, opt_state), metrics); state donated."""
+def make_train_step(model_graphdef, opt_graphdef, loss_and_metrics, options: dict, wrt=nnx.Param):
+    """jit((model_state, opt_state), batch) -> ((model_state, opt_state), metrics); state donated.
+    ``wrt``: the parameters that learn (a filter; the rest get no gradient)."""
 
     def train_step(state, batch):
         model = nnx.merge(model_graphdef, state[0])
         optimizer = nnx.merge(opt_graphdef, state[1])
 
         def loss_fn(model):
-            return objective(model(batch["images"]), batch, **objective_kwargs)
+            return loss_and_metrics(model(batch["images"]), batch, **options)
 
-        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        (_, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
         optimizer.update(model, grads)
         return (nnx.state(model), nnx.state(optimizer)), metrics
 
     return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_steps(eval_graphdef, objective, objective_kwargs: dict):
+def retrieval_outputs(outputs: dict) -> dict:
+    """The model outputs that can serve as retrieval vectors (spec.EMBEDDING_SOURCES)."""
+    res = {"pooled": outputs["pooled"], "embedding": outputs["embedding"]}
+    if "logits" in outputs:
+        res["probabilities"] = jax.nn.sigmoid(outputs["logits"].astype(jnp.float32))
+    return res
+
+
+def make_eval_steps(eval_graphdef, loss_and_metrics, options: dict):
     """(eval_step(model_state, batch) -> metrics, embed(model_state, images) -> outputs), eval mode, jitted."""
 
     @jax.jit
     def eval_step(model_state, batch):
         outputs = nnx.merge(eval_graphdef, model_state)(batch["images"])
-        return objective(outputs, batch, **objective_kwargs)[1]
+        return loss_and_metrics(outputs, batch, **options)[1]
 
     @jax.jit
     def embed(model_state, images):
-        outputs = nnx.merge(eval_graphdef, model_state)(images)
-        return {k: outputs[k] for k in ("pooled", "embedding")}
+        return retrieval_outputs(nnx.merge(eval_graphdef, model_state)(images))
 
     return eval_step, embed
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 class _Evaluator:
@@ -158,12 +176,14 @@ class _Evaluator:
         self.config, self.mesh = config, mesh
         self.val_source, self.val_split = val_source, val_split
         self.eval_step, self.embed = eval_step, embed
+        served = config.retrieval_output
+        self.candidates = (served, *[c for c in config.spec.embedding_candidates() if c != served])
 
     def features(self, model_state) -> dict[str, np.ndarray]:
-        """pooled and embedding features of every validation image (padded fixed-size chunks: one compile)."""
+        """Retrieval features of every validation image (padded fixed-size chunks: one compile)."""
         n, b = self.val_split.num_examples, self.config.batch_size
         sharding_ = sharding.batch_sharding(self.mesh)
-        out: dict[str, list] = {"pooled": [], "embedding": []}
+        out: dict[str, list] = {k: [] for k in self.candidates}
         for start in range(0, n, b):
             chunk = self.val_split.images(np.arange(start, min(start + b, n)))
             real = len(chunk)
@@ -183,12 +203,10 @@ class _Evaluator:
             acc.update(jax.device_get(self.eval_step(model_state, sharding.shard_batch(batch, self.mesh))))
         result = acc.compute()
         feats = self.features(model_state)
-        k = self.config.map_k
-        cats = self.val_split.categories
-        key = RETRIEVAL_FEATURE[self.config.objective]
-        result[f"map@{k}"] = retrieval_map_at_k(feats[key], cats, k=k, threshold=self.config.positive_threshold)
-        if self.config.objective == "bce":
-            result[f"map@{k}_pooled"] = retrieval_map_at_k(feats["pooled"], cats, k=k, threshold=self.config.positive_threshold)
+        k, cats = self.config.map_k, self.val_split.categories
+        for i, name in enumerate(self.candidates):
+            key = f"map@{k}" if i == 0 else f"map@{k}_{name}"
+            result[key] = retrieval_map_at_k(feats[name], cats, k=k, threshold=self.config.positive_threshold)
         return result
 
 
@@ -196,7 +214,8 @@ def _round(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
 
 
-# ---- the loop ----------------------------------------------------------------------------------------
+# ---- the loop, as named steps ---------------------------------------------------------------------
+
 
 def _validation_source(make_pipeline, kind: str, val_split, seed: int, common: dict):
     """The validation pipeline, with a smaller batch when the split is smaller than a training batch.
@@ -217,11 +236,232 @@ def _validation_source(make_pipeline, kind: str, val_split, seed: int, common: d
             batch_size = smaller
 
 
-def train_and_evaluate(config: TrainConfig, workdir) -> dict[str, Any]:
-    """Train (or resume) a run in ``workdir``; returns ``{"step", "train": {...}, "val": {...}}``."""
+@dataclasses.dataclass
+class _Data:
+    train_split: Any
+    val_split: Any
+    train_source: Any
+    val_source: Any
+    num_shards: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_source.steps_per_epoch
+
+
+def open_data(config: TrainConfig) -> _Data:
+    """The prepared splits and the objective's pipelines over this host's shard; records the
+    dataset's resize mode in ``config`` (it travels into model.onnx)."""
     from imat.data_tools.pipelines import PreparedSplit, make_pipeline  # heavy (tfds); only training needs it
 
-    config.validate()
+    train_split = PreparedSplit.open(config.data_dir, "train")
+    if train_split.image_size != config.image_size:
+        raise ConfigError(
+            f"--image-size {config.image_size} does not match the prepared dataset {train_split.data_dir} "
+            f"({train_split.image_size} px); pass --image-size {train_split.image_size} or prepare the data "
+            f"again with --image-size {config.image_size}"
+        )
+    dataset_mode = train_split.resize_mode or "stretch"
+    if config.resize_mode is not None and config.resize_mode != dataset_mode:
+        raise ConfigError(f"resize mode {config.resize_mode!r} does not match the prepared dataset "
+                          f"{train_split.data_dir} ({dataset_mode!r})")
+    config.resize_mode = dataset_mode
+    spec = config.spec
+    if not spec.supervised:
+        train_split = train_split.with_unlabelled()  # self-supervision also learns from unlabelled photos
+    val_split = PreparedSplit.open(config.data_dir, "validation")
+    shard_index, num_shards = sharding.data_shard_info()
+    common = dict(batch_size=config.batch_size // num_shards, shard_index=shard_index, num_shards=num_shards,
+                  relevance=config.relevance, **spec.pipeline_options(config))
+    train_source = make_pipeline(spec.pipeline, train_split, seed=config.seed, augment=config.augment, **common)
+    val_source = _validation_source(make_pipeline, spec.pipeline, val_split, config.seed, common)
+    return _Data(train_split, val_split, train_source, val_source, num_shards)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    num_steps: int
+    steps_per_epoch: int
+    eval_every: int
+    checkpoint_every: int
+    log_every: int
+
+    def due(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.num_steps
+
+
+def make_schedule(config: TrainConfig, steps_per_epoch: int) -> _Schedule:
+    num_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+    return _Schedule(num_steps, steps_per_epoch, config.eval_every or steps_per_epoch,
+                     config.checkpoint_every or steps_per_epoch, min(config.log_every, num_steps))
+
+
+def trainable_filter(config: TrainConfig):
+    """The parameters that learn: all of them, or only the heads with ``freeze_backbone``."""
+    if not config.freeze_backbone:
+        return nnx.Param
+    return nnx.All(nnx.Param, lambda path, value: is_head_path(tuple(map(str, path))))
+
+
+def make_optimizer(config: TrainConfig, num_steps: int) -> optax.GradientTransformation:
+    """Adam (the seed's), or AdamW with weight decay; constant or cosine-decayed learning rate."""
+    lr = config.learning_rate
+    if config.lr_schedule == "cosine":
+        warmup = min(max(1, num_steps // 20), 500)
+        lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, warmup + 1), end_value=lr * 0.01)
+    if config.weight_decay > 0:
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    return optax.adam(lr)
+
+
+@dataclasses.dataclass
+class _Model:
+    model_graphdef: Any
+    opt_graphdef: Any
+    eval_graphdef: Any
+    state: tuple  # (model_state, optimizer_state), replicated over the mesh
+
+
+def init_model(config: TrainConfig, mesh, num_steps: int) -> _Model:
+    """A fresh model (ImageNet weights with --init, another run's with --init-from) and its optimizer."""
+    model = build_model(config.to_dict(), pretrained=config.init)
+    if config.init_from:
+        init_from_run(model, config.init_from)
+    wrt = trainable_filter(config)
+    optimizer = nnx.Optimizer(model, make_optimizer(config, num_steps), wrt=wrt)
+    model.eval()
+    eval_graphdef = nnx.graphdef(model)
+    model.train()
+    if config.freeze_backbone:  # a linear probe: the backbone's BatchNorm statistics stay fixed too
+        for name, child in vars(model).items():
+            if isinstance(child, nnx.Module) and not is_head_path((name,)):
+                child.eval()
+    model_graphdef, model_state = nnx.split(model)
+    opt_graphdef, opt_state = nnx.split(optimizer)
+    return _Model(model_graphdef, opt_graphdef, eval_graphdef, sharding.replicate((model_state, opt_state), mesh))
+
+
+def restore(store: CheckpointStore, state: tuple, workdir: pathlib.Path) -> tuple[int, tuple]:
+    """(start step, state): the latest readable, finite checkpoint, or (0, state) for a new run."""
+    found = store.restore_latest(state[0], state[1])
+    if found is None:
+        return 0, state
+    step, model_state, opt_state, _ = found
+    logger.info("resuming %s from step %d", workdir, step)
+    return step, (model_state, opt_state)
+
+
+class _RunLog:
+    """metrics.jsonl rows and curves.png of a run (written by process 0)."""
+
+    def __init__(self, workdir: pathlib.Path, config: TrainConfig, start_step: int, is_main: bool):
+        self.path = workdir / "metrics.jsonl"
+        self.curves = workdir / "curves.png"
+        self.metrics = config.spec.curve_metrics
+        self.is_main = is_main
+        self.rows = _read_rows(self.path, start_step)
+
+    def add(self, row: dict) -> dict:
+        row = _round(row)
+        self.rows.append(row)
+        return row
+
+    def last(self, split: str) -> dict:
+        return next((r for r in reversed(self.rows) if r["split"] == split), {})
+
+    def train_losses(self) -> list[float]:
+        return [r["loss"] for r in self.rows if r["split"] == "train" and "loss" in r]
+
+    def write(self) -> None:
+        if not self.is_main:
+            return
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        try:
+            plot_curves(self.rows, self.curves, self.metrics)
+        except Exception as e:  # a plotting problem must not kill a training run
+            logger.warning("could not draw curves.png: %s", e)
+
+
+def _check_health(log: _RunLog, step: int) -> None:
+    why = divergence(log.train_losses())
+    if why:
+        log.write()  # the evidence stays in metrics.jsonl (export refuses the run by it)
+        raise ModelError(f"training diverged at step {step}: {why}; lower --lr (no checkpoint of the diverged "
+                         "state is written)")
+
+
+def run_loop(config: TrainConfig, data: _Data, schedule: _Schedule, model: _Model, mesh, store: CheckpointStore,
+             log: _RunLog, start_step: int, is_main: bool) -> tuple:
+    """Train from ``start_step`` to ``schedule.num_steps``: log, evaluate, checkpoint; returns the final state."""
+    from tqdm.auto import tqdm
+
+    spec = config.spec
+    options = spec.options(config)
+    train_step = make_train_step(model.model_graphdef, model.opt_graphdef, spec.loss_and_metrics, options,
+                                 wrt=trainable_filter(config))
+    evaluate = _Evaluator(config, mesh, data.val_source, data.val_split,
+                          *make_eval_steps(model.eval_graphdef, spec.loss_and_metrics, options))
+    meta = {"seed": config.seed, "arch": config.arch, "objective": config.objective}
+    state = model.state
+
+    def run_eval(step: int) -> None:
+        row = log.add({"split": "val", "step": step, "epoch": step / schedule.steps_per_epoch, **evaluate(state[0])})
+        logger.info("step %d validation: %s", step, {k: v for k, v in row.items() if k not in ("split", "step", "epoch")})
+
+    def save(step: int) -> None:
+        if not bool(all_finite(state)):
+            raise ModelError(f"training diverged at step {step}: the parameters are no longer finite; lower --lr "
+                             "(no checkpoint of the diverged state is written)")
+        store.save(step, state[0], state[1], meta)
+
+    bar = tqdm(total=schedule.num_steps, initial=start_step, desc=f"train {config.objective}", unit="step",
+               disable=None if is_main else True, dynamic_ncols=True)
+    acc, pending = MetricAccumulator(), []
+    window_start, window_images = time.perf_counter(), 0
+    step = start_step
+    try:
+        for batch in data.train_source.iterate(start_step, schedule.num_steps - start_step):
+            window_images += int(batch["images"].shape[0]) * data.num_shards
+            state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
+            pending.append(metrics)
+            step += 1
+            bar.update(1)
+            changed = False
+            if schedule.due(step, schedule.log_every):
+                for m in jax.device_get(pending):
+                    acc.update(m)
+                elapsed = time.perf_counter() - window_start
+                row = log.add({"split": "train", "step": step, "epoch": step / schedule.steps_per_epoch,
+                               **acc.compute(), "images_per_s": window_images / max(elapsed, 1e-9)})
+                _check_health(log, step)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+                acc, pending = MetricAccumulator(), []
+                window_start, window_images = time.perf_counter(), 0
+                changed = True
+            if schedule.due(step, schedule.eval_every):
+                run_eval(step)
+                changed = True
+            if schedule.due(step, schedule.checkpoint_every):
+                save(step)
+            if changed:
+                log.write()
+        if not any(r["split"] == "val" and r["step"] == schedule.num_steps for r in log.rows):
+            run_eval(schedule.num_steps)  # e.g. a rerun of a finished run whose last evaluation was lost
+            log.write()
+        save(schedule.num_steps)
+    finally:
+        bar.close()
+    return state
+
+
+def write_run_config(config: TrainConfig, workdir: pathlib.Path) -> None:
+    atomic_write_text(workdir / "config.json",
+                      json.dumps({**config.to_dict(), "versions": package_versions()}, indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config: TrainConfig, workdir) -> dict[str, Any]:
+    """Train (or resume) a run in ``workdir``; returns ``{"step", "train": {...}, "val": {...}}``."""
+    config = dataclasses.replace(config).validate()  # a copy: the dataset's facts are recorded into it
     workdir = pathlib.Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     sharding.maybe_initialize_distributed()
@@ -230,121 +470,23 @@ def train_and_evaluate(config: TrainConfig, workdir) -> dict[str, Any]:
     sharding.check_batch_size(config.batch_size, mesh)
     check_resume(config, workdir)
 
-    # -- data
-    train_split = PreparedSplit.open(config.data_dir, "train")
-    if train_split.image_size != config.image_size:
-        raise ConfigError(
-            f"--image-size {config.image_size} does not match the prepared dataset {train_split.data_dir} "
-            f"({train_split.image_size} px); pass --image-size {train_split.image_size} or prepare the data "
-            f"again with --image-size {config.image_size}"
-        )
-    val_split = PreparedSplit.open(config.data_dir, "validation")
-    shard_index, num_shards = sharding.data_shard_info()
-    kind = PIPELINE_KIND[config.objective]
-    common = dict(batch_size=config.batch_size // num_shards, mining=config.pipeline_mining,
-                  shard_index=shard_index, num_shards=num_shards)
-    train_source = make_pipeline(kind, train_split, seed=config.seed, augment=config.augment, **common)
-    val_source = _validation_source(make_pipeline, kind, val_split, config.seed, common)
-    steps_per_epoch = train_source.steps_per_epoch
-    num_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
-    eval_every = config.eval_every or steps_per_epoch
-    checkpoint_every = config.checkpoint_every or steps_per_epoch
-    log_every = min(config.log_every, num_steps)
-
-    # -- model, optimizer, state
-    model = build_model(config.to_dict(), pretrained=config.init)
-    optimizer = nnx.Optimizer(model, optax.adam(config.learning_rate), wrt=nnx.Param)
-    model.eval()
-    eval_graphdef = nnx.graphdef(model)
-    model.train()
-    model_graphdef, model_state = nnx.split(model)
-    opt_graphdef, opt_state = nnx.split(optimizer)
-    del model, optimizer
-    state = sharding.replicate((model_state, opt_state), mesh)
-
+    data = open_data(config)
+    schedule = make_schedule(config, data.steps_per_epoch)
+    model = init_model(config, mesh, schedule.num_steps)
     if is_main:
-        atomic_write_text(workdir / "config.json",
-                          json.dumps({**config.to_dict(), "versions": package_versions()}, indent=2, sort_keys=True))
+        write_run_config(config, workdir)
     store = CheckpointStore(workdir, keep=config.keep_checkpoints)
-    start_step = 0
-    found = store.restore_latest(state[0], state[1])
-    if found is not None:
-        start_step, restored_model, restored_opt, _ = found
-        state = (restored_model, restored_opt)
-        logger.info("resuming %s from step %d", workdir, start_step)
-    if start_step > num_steps:
-        logger.warning("the latest checkpoint (step %d) is past the requested %d steps; evaluating it", start_step, num_steps)
-        num_steps = start_step
-
-    metrics_path = workdir / "metrics.jsonl"
-    rows = _read_rows(metrics_path, start_step)
-
-    def write_logs():
-        if is_main:
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-            try:
-                plot_curves(rows, workdir / "curves.png", config.objective)
-            except Exception as e:  # a plotting problem must not kill a training run
-                logger.warning("could not draw curves.png: %s", e)
-
-    objective = get_objective(config.objective)
-    okw = config.objective_kwargs()
-    train_step = make_train_step(model_graphdef, opt_graphdef, objective, okw)
-    evaluate = _Evaluator(config, mesh, val_source, val_split, *make_eval_steps(eval_graphdef, objective, okw))
-    meta = {"seed": config.seed, "arch": config.arch, "objective": config.objective}
-
-    def run_eval(step: int) -> dict:
-        row = _round({"split": "val", "step": step, "epoch": step / steps_per_epoch, **evaluate(state[0])})
-        rows.append(row)
-        logger.info("step %d validation: %s", step, {k: v for k, v in row.items() if k not in ("split", "step", "epoch")})
-        return row
-
-    logger.info(
-        "training %s (%s) for %d steps (%d/epoch) on %d device(s), batch %d; workdir %s",
-        config.arch, config.objective, num_steps, steps_per_epoch, mesh.devices.size, config.batch_size, workdir,
-    )
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=num_steps, initial=start_step, desc=f"train {config.objective}", unit="step",
-               disable=None if is_main else True, dynamic_ncols=True)
-    acc, pending = MetricAccumulator(), []
-    window_start, window_images = time.perf_counter(), 0
-    step = start_step
     try:
-        for batch in train_source.iterate(start_step, num_steps - start_step):
-            window_images += int(batch["images"].shape[0]) * num_shards
-            state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
-            pending.append(metrics)
-            step += 1
-            bar.update(1)
-            changed = False
-            if step % log_every == 0 or step == num_steps:
-                for m in jax.device_get(pending):
-                    acc.update(m)
-                elapsed = time.perf_counter() - window_start
-                row = _round({"split": "train", "step": step, "epoch": step / steps_per_epoch, **acc.compute(),
-                              "images_per_s": window_images / max(elapsed, 1e-9)})
-                if not math.isfinite(row["loss"]):
-                    raise ModelError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
-                rows.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
-                acc, pending = MetricAccumulator(), []
-                window_start, window_images = time.perf_counter(), 0
-                changed = True
-            if step % eval_every == 0 or step == num_steps:
-                run_eval(step)
-                changed = True
-            if step % checkpoint_every == 0 or step == num_steps:
-                store.save(step, state[0], state[1], meta)
-            if changed:
-                write_logs()
-        if not any(r["split"] == "val" and r["step"] == num_steps for r in rows):
-            run_eval(num_steps)  # e.g. a rerun of a finished run whose last evaluation was lost
-            write_logs()
-        store.save(num_steps, state[0], state[1], meta)
+        start_step, model.state = restore(store, model.state, workdir)
+        if start_step > schedule.num_steps:
+            logger.warning("the latest checkpoint (step %d) is past the requested %d steps; evaluating it",
+                           start_step, schedule.num_steps)
+            schedule = dataclasses.replace(schedule, num_steps=start_step)
+        log = _RunLog(workdir, config, start_step, is_main)
+        logger.info("training %s (%s) for %d steps (%d/epoch) on %d device(s), batch %d; workdir %s", config.arch,
+                    config.objective, schedule.num_steps, schedule.steps_per_epoch, mesh.devices.size,
+                    config.batch_size, workdir)
+        run_loop(config, data, schedule, model, mesh, store, log, start_step, is_main)
     finally:
-        bar.close()
         store.close()
-
-    last = lambda split: next((r for r in reversed(rows) if r["split"] == split), {})
-    return {"step": num_steps, "train": last("train"), "val": last("val"), "workdir": str(workdir)}
+    return {"step": schedule.num_steps, "train": log.last("train"), "val": log.last("val"), "workdir": str(workdir)}

@@ -13,6 +13,13 @@ def test_help_lists_every_command(capsys):
         assert name in out
 
 
+def test_every_listed_command_loads_and_has_help(capsys):
+    # The lazy table names modules and attributes by string: each must resolve to a real command.
+    for name in COMMANDS:
+        assert main([name, "--help"]) == 0, name
+        assert f"Usage: imat {name}" in capsys.readouterr().out
+
+
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert __version__ in capsys.readouterr().out

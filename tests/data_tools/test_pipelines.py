@@ -7,10 +7,11 @@ import pathlib
 import numpy as np
 import pytest
 
-from imat.data_tools import tfds_builder, triplets
+from imat.data_tools import tfds_builder
 from imat.data_tools.pipelines import PreparedSplit, augment_batch, find_dataset_dir, make_pipeline
 from imat.data_tools.synthetic import write_synthetic
 from imat.errors import ConfigError, DataError
+from imat.relevance import Relevance, jaccard, relevance_masks
 
 SIZE = 32
 KINDS = [("classification", "online"), ("triplet", "online"), ("triplet", "offline"), ("rotation", "online")]
@@ -42,6 +43,18 @@ def _random_labels(n, seed, density=0.08):
     rng = np.random.default_rng(seed)
     labels = (rng.random((n, 46)) < density).astype(np.float32)
     labels[rng.integers(0, n, 4)] = 0
+    return labels
+
+
+def _outfit_labels(n, seed, templates=6):
+    """Street-photo-like labels: each image wears one of a few outfits (3 categories), plus maybe one more."""
+    rng = np.random.default_rng(seed)
+    outfits = [rng.choice(46, 3, replace=False) for _ in range(templates)]
+    labels = np.zeros((n, 46), np.float32)
+    for i in range(n):
+        labels[i, outfits[rng.integers(templates)]] = 1
+        if rng.random() < 0.3:
+            labels[i, rng.integers(46)] = 1
     return labels
 
 
@@ -77,10 +90,10 @@ def test_batch_is_deterministic_and_iterate_matches(train, kind, mining):
     for s in reversed(steps):   # any order: batch(step) depends on nothing but (seed, step)
         assert _equal_batches(src.batch(s), again.batch(s))
     assert not all(_equal_batches(src.batch(s), other.batch(s)) for s in steps)
-    got = list(src.iterate(steps[0], len(steps), prefetch=2))
+    got = list(src.iterate(steps[0], len(steps), prefetch_depth=2))
     assert len(got) == len(steps)
     assert all(_equal_batches(g, src.batch(s)) for g, s in zip(got, steps))
-    assert all(_equal_batches(g, src.batch(s)) for g, s in zip(src.iterate(0, 3, prefetch=0), range(3)))
+    assert all(_equal_batches(g, src.batch(s)) for g, s in zip(src.iterate(0, 3, prefetch_depth=0), range(3)))
     b = got[0]
     assert b["images"].dtype == np.uint8 and b["images"].shape[1:] == (SIZE, SIZE, 3)
     assert b["categories"].dtype == np.float32 and b["categories"].shape == (len(b["images"]), 46)
@@ -90,7 +103,7 @@ def test_batch_is_deterministic_and_iterate_matches(train, kind, mining):
 
 def test_iterate_can_stop_early(train):
     src = make_pipeline("classification", train, batch_size=4, seed=0)
-    it = src.iterate(0, None, prefetch=3)
+    it = src.iterate(0, None, prefetch_depth=3)
     first = [next(it) for _ in range(2)]
     it.close()   # stops the prefetch thread
     assert _equal_batches(first[1], src.batch(1))
@@ -110,7 +123,7 @@ def test_classification_epoch_covers_each_image_once(train):
 
 @pytest.mark.parametrize("kind,mining", KINDS)
 def test_shards_are_disjoint(kind, mining):
-    split = _in_memory_split(_random_labels(120, seed=2, density=0.15))
+    split = _in_memory_split(_outfit_labels(120, seed=2))
     shards = [make_pipeline(kind, split, batch_size=4, seed=1, mining=mining, shard_index=i, num_shards=3)
               for i in range(3)]
     sets = [set(s.indices.tolist()) for s in shards]
@@ -124,36 +137,44 @@ def test_shards_are_disjoint(kind, mining):
         make_pipeline(kind, split, batch_size=4, seed=1, mining=mining, shard_index=3, num_shards=3)
 
 
-@pytest.mark.parametrize("batch_size", [8, 7])
-def test_online_triplet_every_image_has_a_positive(batch_size):
-    labels = _random_labels(200, seed=5)
+@pytest.mark.parametrize("batch_size,threshold", [(8, 0.5), (7, 0.5), (8, 0.3)])
+def test_online_triplet_every_anchor_has_a_positive_the_loss_accepts(batch_size, threshold):
+    labels = _outfit_labels(200, seed=5)
+    labels[:4] = 0                       # unlabelled: relevant to nobody, never anchors
     split = _in_memory_split(labels)
-    src = make_pipeline("triplet", split, batch_size=batch_size, seed=0, mining="online")
+    relevance = Relevance(threshold, 0.1)
+    src = make_pipeline("triplet", split, batch_size=batch_size, seed=0, mining="online", relevance=relevance)
     anchors_seen = []
     for step in range(src.steps_per_epoch + 5):
         rows = src.batch_indices(step)
         b = src.batch(step)
         assert len(rows) == batch_size and np.array_equal(b["categories"], labels[rows])
-        pos = triplets.positive_mask(b["categories"])
-        assert pos.any(axis=1).all(), f"step {step}: an image without a positive in its batch"
+        # The loss's own masks (imat.relevance, as the jitted loss computes them):
+        pos, _ = relevance.masks(b["categories"])
+        assert pos[: batch_size // 2].any(axis=1).all(), f"step {step}: an anchor without a positive the loss accepts"
         assert len(set(rows.tolist())) == batch_size        # plenty of images: no repeats
         if step < src.steps_per_epoch:
             anchors_seen += rows[: batch_size // 2].tolist()
     # An epoch uses every usable image once as an anchor.
     assert len(anchors_seen) == len(set(anchors_seen))
-    usable = [i for i in range(200) if (triplets.shared_counts(labels[i:i + 1], labels)[0] > 0).sum() > 1]
-    assert set(anchors_seen) <= set(usable)
+    full_pos, _ = relevance_masks(labels, threshold, 0.1)
+    usable = np.flatnonzero(full_pos.any(axis=1))
+    assert set(anchors_seen) <= set(usable.tolist())
     assert len(anchors_seen) == (len(usable) // (batch_size // 2)) * (batch_size // 2)
 
 
 def test_offline_triplet_rules_hold():
-    labels = _random_labels(150, seed=8, density=0.1)
-    labels[labels.sum(1) == 0, 5] = 1
-    labels[:10] = 1              # images with every category overlap everyone: relaxed negatives
+    rng = np.random.default_rng(8)
+    outfits = [rng.choice(45, 3, replace=False) for _ in range(5)]
+    labels = np.zeros((150, 46), np.float32)
+    for i in range(10, 150):
+        labels[i, outfits[i % 5]] = 1
+    labels[:, 45] = 1            # shoes on everyone: rows 0-9 wear only shoes, Jaccard 1/4 with every
+                                 # other outfit, so they have no strict negative and get relaxed ones
     split = _in_memory_split(labels)
     src = make_pipeline("triplet", split, batch_size=5, seed=2, mining="offline")
-    shared = triplets.shared_counts(labels)
-    np.fill_diagonal(shared, -1)
+    jac = jaccard(labels)
+    np.fill_diagonal(jac, np.nan)
     checked = relaxed = 0
     for step in range(src.steps_per_epoch + 3):
         rows = src.batch_indices(step)
@@ -162,14 +183,12 @@ def test_offline_triplet_rules_hold():
         assert np.array_equal(b["images"], split.images(rows))
         assert np.array_equal(b["categories"], labels[rows])
         for i, j, k in zip(a, p, n):
-            best = shared[i].max()
-            level = max(t for t in (0, 1, 2, 3) if best > t)   # strictest level with a candidate
-            assert shared[i, j] > level and i != j and i != k
-            others = np.delete(shared[i], i)
-            if (others == 0).any():
-                assert shared[i, k] == 0
+            assert jac[i, j] >= 0.5 and i != j and i != k
+            others = np.delete(jac[i], i)
+            if (others < 0.25).any():
+                assert jac[i, k] < 0.25
             else:
-                assert shared[i, k] == others.min() < shared[i, j]
+                assert jac[i, k] == others.min() < jac[i, j]
                 relaxed += 1
             checked += 1
     assert checked >= 5 * src.steps_per_epoch and 0 < relaxed < checked
@@ -218,12 +237,3 @@ def test_bad_options(train):
         make_pipeline("classification", train, batch_size=100, seed=0)
     with pytest.raises(ConfigError, match="at least 2"):
         make_pipeline("triplet", train, batch_size=1, seed=0)
-
-
-def test_grain_can_use_the_split_as_a_source(train):
-    # grain is optional (imat's own BatchSource needs none); users who have it can plug a split in.
-    grain = pytest.importorskip("grain", reason="grain is not installed (optional)")
-
-    ds = grain.MapDataset.source(train).map(lambda ex: ex["image"][::2, ::2])
-    assert len(ds) == train.num_examples
-    assert np.array_equal(ds[3], train.images([3])[0][::2, ::2])

@@ -21,6 +21,7 @@ from imat.export.onnx_export import (
     read_metadata,
 )
 from imat.export.validate import check_parity, random_images, reference_evaluator_outputs
+from imat.train_jax.objectives import get_objective, objective_names
 
 SIZE = 32
 
@@ -35,20 +36,20 @@ def rel_err(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
-# objective -> (outputs, embedding source, embedding dim of resnet_tiny with embedding_dim=24)
-CASES = {
-    "bce": (["embedding", "probabilities"], "embedding_head", 24),
-    "triplet": (["embedding"], "embedding_head", 24),
-    "rotation": (["embedding"], "pooled", 64),  # resnet_tiny's pooled width
-}
+# embedding width of resnet_tiny (embedding_dim=24) per embedding source
+DIMS = {"embedding": 24, "pooled": 64, "probabilities": 46}
+CASES = [(name, source) for name in objective_names() for source in get_objective(name).embedding_candidates()]
 
 
-@pytest.mark.parametrize("objective", sorted(CASES))
-def test_export_each_objective(tmp_path, make_model, category_names, objective):
-    outputs, source, dim = CASES[objective]
-    model = make_model("resnet_tiny", embedding_dim=24, rotation_head=(objective == "rotation"))
+@pytest.mark.parametrize("objective,source", CASES)
+def test_export_each_objective_and_embedding_source(tmp_path, make_model, category_names, objective, source):
+    spec = get_objective(objective)
+    outputs = ["embedding", "probabilities"] if spec.exports_probabilities else ["embedding"]
+    dim = DIMS[source]
+    model = make_model("resnet_tiny", embedding_dim=24, rotation_head=spec.rotation_head)
     out = tmp_path / "sub" / "model.onnx"
     report = export_onnx_report(model, out, image_size=SIZE, objective=objective, category_names=category_names,
+                                embedding_source=None if source == spec.embedding_source else source,
                                 extra_metadata={"run": "r1", "steps": 7})
     assert report.path == out and out.is_file()
     assert out.stat().st_mode & 0o777 == 0o644
@@ -81,7 +82,7 @@ def test_export_each_objective(tmp_path, make_model, category_names, objective):
     # Dynamic batch; every output equals the JAX model's (eval mode) on the same images.
     # (eval-mode models treat every image independently, so one JAX batch serves all sizes)
     all_images = random_images(17, SIZE, seed=11)
-    all_want = jax_reference(model, objective, outputs)(all_images)
+    all_want = jax_reference(model, source, outputs)(all_images)
     for n in (1, 3, 17):
         images = all_images[-n:]  # includes the all-white image
         got, want = ort_run(out, images), {k: v[-n:] for k, v in all_want.items()}
@@ -158,7 +159,7 @@ def test_gate_rejects_a_tampered_file(tmp_path, make_model, category_names):
     bad = tmp_path / "bad.onnx"
     onnx.save_model(proto, str(bad))
     images = random_images(4, SIZE)
-    ref = jax_reference(model, "bce", ["embedding", "probabilities"])
+    ref = jax_reference(model, "probabilities", ["embedding", "probabilities"])
     with pytest.raises(ModelError, match="parity check failed"):
         check_parity(bad, ref, ["embedding", "probabilities"], images)
     assert check_parity(out, ref, ["embedding", "probabilities"], images).max_relative < 1e-5
@@ -226,6 +227,8 @@ def test_user_mistakes_are_clear_errors(tmp_path, make_model, category_names):
         export_onnx(model, tmp_path / "m.onnx", objective="softmax", **kw)
     with pytest.raises(ConfigError, match="resize_mode"):
         export_onnx(model, tmp_path / "m.onnx", objective="bce", resize_mode="squash", **kw)
+    with pytest.raises(ConfigError, match="'embedding' is not trained by objective 'bce'"):
+        export_onnx(model, tmp_path / "m.onnx", objective="bce", embedding_source="embedding", **kw)
     with pytest.raises(ConfigError, match="46 outputs"):
         export_onnx(model, tmp_path / "m.onnx", objective="bce", image_size=SIZE, category_names=["a", "b"])
     with pytest.raises(ConfigError, match="reserved"):

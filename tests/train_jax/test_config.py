@@ -27,13 +27,17 @@ def test_json_round_trip(tmp_path):
     "change, option",
     [
         ({"objective": "softmax"}, "--objective"),
-        ({"mining": "hardest"}, "--mining"),
+        ({"objective": "triplet", "mining": "hardest"}, "--mining"),
+        ({"objective": "triplet", "margin": -0.1}, "--margin"),
+        ({"embedding_source": "embedding"}, "--embedding-source"),
+        ({"lr_schedule": "step"}, "--lr-schedule"),
+        ({"weight_decay": -1.0}, "--weight-decay"),
+        ({"init_from": "/nonexistent/run"}, "--init-from"),
         ({"batch_size": 0}, "--batch-size"),
         ({"learning_rate": -1.0}, "--lr"),
         ({"epochs": None, "steps": None}, "--epochs/--steps"),
         ({"data_dir": ""}, "--data"),
         ({"init": "/nonexistent/w.safetensors"}, "--init"),
-        ({"margin": -0.1}, "--margin"),
     ],
 )
 def test_validation_names_the_option(change, option):

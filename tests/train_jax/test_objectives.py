@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from imat.errors import ConfigError
-from imat.train_jax.objectives import OBJECTIVES, get_objective
-from imat.train_jax.objectives import triplet as triplet_mod
+from imat.train_jax.objectives import get_objective, objective_names
 
 RNG = np.random.default_rng(0)
 
@@ -45,16 +44,24 @@ def _sqd(a, b):
 
 
 def test_registry_and_unknown_name():
-    assert set(OBJECTIVES) == {"bce", "triplet", "rotation"}
-    with pytest.raises(ConfigError, match="objective"):
+    assert {"bce", "triplet", "rotation"} <= set(objective_names())
+    with pytest.raises(ConfigError, match="--objective"):
         get_objective("contrastive")
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_every_spec_serves_what_it_trains(name):
+    spec = get_objective(name)
+    assert spec.embedding_source in spec.trains and spec.embedding_candidates()[0] == spec.embedding_source
+    assert spec.exports_probabilities == ("probabilities" in spec.trains)
+    assert "loss" in spec.curve_metrics
 
 
 def test_bce_matches_loop_reference():
     b, c = 7, 46
     logits = RNG.normal(0, 3, (b, c)).astype(np.float32)
     labels = _labels(b, c, 0.1, seed=1)
-    loss, m = jax.jit(get_objective("bce"))({"logits": logits}, {"categories": labels})
+    loss, m = jax.jit(get_objective("bce").loss_and_metrics)({"logits": logits}, {"categories": labels})
     ref, tp, fp, fn = 0.0, np.zeros(c), np.zeros(c), np.zeros(c)
     for i in range(b):
         for j in range(c):
@@ -73,14 +80,14 @@ def test_bce_matches_loop_reference():
 
 def test_bce_is_stable_for_huge_logits():
     logits = np.array([[1e4, -1e4]], np.float32)
-    loss, _ = get_objective("bce")({"logits": logits}, {"categories": np.array([[0.0, 1.0]], np.float32)})
+    loss, _ = get_objective("bce").loss_and_metrics({"logits": logits}, {"categories": np.array([[0.0, 1.0]], np.float32)})
     assert np.isfinite(float(loss)) and float(loss) > 1e3
 
 
 def test_rotation_matches_loop_reference():
     logits = RNG.normal(0, 2, (12, 4)).astype(np.float32)
     labels = RNG.integers(0, 4, 12).astype(np.int32)
-    loss, m = jax.jit(get_objective("rotation"))({"rotation_logits": logits}, {"rotation": labels})
+    loss, m = jax.jit(get_objective("rotation").loss_and_metrics)({"rotation_logits": logits}, {"rotation": labels})
     ref, correct = 0.0, 0
     for z, y in zip(logits.astype(np.float64), labels):
         ref += -(z[y] - np.log(np.sum(np.exp(z))))
@@ -128,7 +135,7 @@ def test_online_triplet_matches_loop_reference(mining, seed):
     rng = np.random.default_rng(seed)
     e = _unit(rng.normal(size=(b, 8))).astype(np.float32)
     y = _labels(b, 5, 0.3, seed=seed + 10)
-    fn = jax.jit(lambda o, bt: get_objective("triplet")(o, bt, margin=0.3, mining=mining))
+    fn = jax.jit(lambda o, bt: get_objective("triplet").loss_and_metrics(o, bt, margin=0.3, mining=mining))
     loss, m = fn({"embedding": e}, {"categories": y})
     ref_loss, n_active, n_valid, correct, total = _reference_online(e, y, 0.3, mining)
     assert n_valid > 0 and total > 0, "test data must contain valid triplets"
@@ -142,7 +149,7 @@ def test_online_triplet_matches_loop_reference(mining, seed):
 def test_offline_triplet_matches_loop_reference():
     n = 6
     e = _unit(RNG.normal(size=(3 * n, 8))).astype(np.float32)
-    loss, m = jax.jit(lambda o: get_objective("triplet")(o, {}, margin=0.5, mining="offline"))({"embedding": e})
+    loss, m = jax.jit(lambda o: get_objective("triplet").loss_and_metrics(o, {}, margin=0.5, mining="offline"))({"embedding": e})
     losses = [max(_sqd(e[i], e[n + i]) - _sqd(e[i], e[2 * n + i]) + 0.5, 0.0) for i in range(n)]
     active = [l for l in losses if l > 0]
     np.testing.assert_allclose(float(loss), sum(active) / max(len(active), 1), rtol=1e-5)
@@ -162,7 +169,7 @@ def test_no_active_triplets_gives_zero_loss_and_finite_grads(mining):
     e[3:, 1] = 1
     if mining == "offline":
         e = np.concatenate([e[:2], e[1:3], e[3:5]])  # anchors (cluster 0), positives (cluster 0), negatives
-    f = lambda emb: get_objective("triplet")({"embedding": emb}, {"categories": y}, margin=0.1, mining=mining)
+    f = lambda emb: get_objective("triplet").loss_and_metrics({"embedding": emb}, {"categories": y}, margin=0.1, mining=mining)
     loss, m = jax.jit(f)(e)
     grads = jax.grad(lambda emb: f(emb)[0])(jnp.asarray(e))
     assert float(loss) == 0.0
@@ -171,36 +178,13 @@ def test_no_active_triplets_gives_zero_loss_and_finite_grads(mining):
     # And with no valid triplet at all (no negatives in the batch): still 0, not NaN.
     if mining != "offline":
         same = np.ones((6, 4), np.float32)
-        loss2, m2 = get_objective("triplet")({"embedding": e}, {"categories": same}, mining=mining)
+        loss2, m2 = get_objective("triplet").loss_and_metrics({"embedding": e}, {"categories": same}, mining=mining)
         assert float(loss2) == 0.0 and np.isfinite(float(m2["triplet_accuracy"]))
-
-
-def test_relevance_masks_are_multilabel_jaccard():
-    y = np.array(
-        [
-            [1, 1, 0, 0, 0, 0],
-            [1, 1, 1, 0, 0, 0],
-            [1, 0, 0, 1, 0, 0],
-            [0, 0, 1, 1, 0, 0],
-            [1, 1, 1, 1, 0, 0],
-            [0, 0, 0, 1, 1, 1],
-        ],
-        np.float32,
-    )
-    pos, neg = triplet_mod.relevance_masks(jnp.asarray(y), 0.5, 0.25)
-    pos, neg = np.asarray(pos), np.asarray(neg)
-    assert pos[0, 1] and pos[1, 0]  # {0,1} vs {0,1,2}: J = 2/3
-    assert not pos[0, 2] and not neg[0, 2]  # {0,1} vs {0,3}: J = 1/3 -> neither
-    assert neg[0, 3] and neg[3, 0]  # share nothing
-    assert not neg[1, 3] and not pos[1, 3]  # {0,1,2} vs {2,3}: J = 1/4, not below 0.25 -> neither
-    assert neg[4, 5]  # {0,1,2,3} vs {3,4,5}: share one, J = 1/6 < 0.25 -> negative
-    assert not pos.diagonal().any() and not neg.diagonal().any()
-    assert not (pos & neg).any()
 
 
 def test_triplet_loss_gradient_reduces_loss():
     e = _unit(RNG.normal(size=(16, 8))).astype(np.float32)
     y = _labels(16, 5, 0.3, seed=3)
-    f = lambda emb: get_objective("triplet")({"embedding": emb}, {"categories": y}, margin=0.3)[0]
+    f = lambda emb: get_objective("triplet").loss_and_metrics({"embedding": emb}, {"categories": y}, margin=0.3)[0]
     g = jax.grad(f)(jnp.asarray(e))
     assert float(f(jnp.asarray(e) - 0.05 * g)) < float(f(jnp.asarray(e)))

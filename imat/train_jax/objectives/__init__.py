@@ -1,35 +1,56 @@
-"""Training objectives, chosen by name.
+"""Training objectives, chosen by name: a registry of :class:`ObjectiveSpec`.
 
-Each objective is a pure, jit-able function
-``loss_and_metrics(outputs, batch, **cfg) -> (scalar loss, metrics dict)``:
-``outputs`` is the model's dict of named outputs, ``batch`` the pipeline's batch
-dict. Metrics are scalars, except count vectors (e.g. per-class TP/FP/FN) that
-:mod:`imat.train_jax.metrics` sums exactly over many batches.
+Every module of this package that defines ``SPEC`` is registered when the package is imported,
+so adding an objective is adding one module (plus its tests); ``register`` adds one from
+elsewhere (a user's plug-in, a test). See ``spec.py`` for what a spec holds.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import pkgutil
 
 from imat.errors import ConfigError
-from imat.train_jax.objectives import bce, rotation, triplet
+from imat.train_jax.objectives.spec import EMBEDDING_SOURCES, ObjectiveSpec
 
-OBJECTIVES: dict[str, Callable] = {
-    "bce": bce.loss_and_metrics,
-    "triplet": triplet.loss_and_metrics,
-    "rotation": rotation.loss_and_metrics,
-}
-
-# The pipeline kind (imat.data_tools.pipelines.make_pipeline) each objective trains on.
-PIPELINE_KIND = {"bce": "classification", "triplet": "triplet", "rotation": "rotation"}
+_REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
-def get_objective(name: str) -> Callable:
-    """The loss_and_metrics function registered under ``name``."""
+def register(spec: ObjectiveSpec, *, replace: bool = False) -> ObjectiveSpec:
+    """Register ``spec`` under ``spec.name``; a second spec of the same name needs ``replace``."""
+    if spec.name in _REGISTRY and not replace and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"objective {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    """The spec registered under ``name``; ConfigError naming --objective otherwise."""
     try:
-        return OBJECTIVES[name]
+        return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown objective {name!r} (option --objective); choose one of {sorted(OBJECTIVES)}") from None
+        raise ConfigError(f"unknown objective {name!r} (option --objective); "
+                          f"choose one of {', '.join(objective_names())}") from None
 
 
-__all__ = ["OBJECTIVES", "PIPELINE_KIND", "get_objective"]
+def objective_names() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def _discover() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name == "spec":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        spec = getattr(module, "SPEC", None)
+        if isinstance(spec, ObjectiveSpec):
+            register(spec)
+
+
+_discover()
+
+__all__ = ["EMBEDDING_SOURCES", "ObjectiveSpec", "register", "unregister", "get_objective", "objective_names"]

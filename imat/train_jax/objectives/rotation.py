@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from imat.train_jax.objectives.spec import ObjectiveSpec
+
 
 def loss_and_metrics(outputs: dict, batch: dict, **_unused) -> tuple:
     """Mean softmax cross-entropy and rotation accuracy (plus exact correct/count sums)."""
@@ -24,3 +26,17 @@ def loss_and_metrics(outputs: dict, batch: dict, **_unused) -> tuple:
         "rotation_correct": correct,
         "rotation_count": count,
     }
+
+
+SPEC = ObjectiveSpec(
+    name="rotation",
+    help="self-supervised 4-way rotation prediction (labels unused); serves the pooled features",
+    loss_and_metrics=loss_and_metrics,
+    pipeline="rotation",
+    # Only the backbone (and the rotation head) learn; their pooled features are the retrieval vector.
+    embedding_source="pooled",
+    trains=frozenset({"pooled"}),
+    rotation_head=True,
+    supervised=False,
+    curve_metrics=("loss", "rotation_accuracy", "map@10"),
+)

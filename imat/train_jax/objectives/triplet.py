@@ -2,16 +2,9 @@
 
 Distance: squared Euclidean between unit vectors, ``d = 2 - 2 cos`` (in [0, 4]).
 
-Relevance (multi-label aware): for two different images with category sets A and B,
-* positive: Jaccard ``|A & B| / |A | B| >= positive_threshold`` (default 0.5), so
-  "shares most of its garments", not "shares one belt";
-* negative: Jaccard ``< negative_threshold`` (default 0.25); sharing no category
-  is always negative. The seed report's "shares no category" alone is not enough:
-  on street photos (and the synthetic data) shoes are in nearly every image, so
-  almost no pair shares nothing and in-batch mining would find no negative.
-Pairs in between (e.g. sharing 1 of 3 garments) are neither and never used. An
-image is never its own positive or negative.
-The same Jaccard >= 0.5 rule defines relevance for retrieval mAP (metrics.py).
+Relevance: the shared rule of :mod:`imat.relevance` (Jaccard of the category sets: positive
+>= ``positive_threshold``, negative < ``negative_threshold``), the same masks that the online
+sampler, offline mining and the retrieval metrics use.
 
 Mining (all fixed-shape masks, so everything jits):
 * ``batch_hard``: per anchor, the farthest positive and the closest negative (BxB).
@@ -39,39 +32,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from imat.relevance import NEGATIVE_THRESHOLD, POSITIVE_THRESHOLD, relevance_masks
+from imat.train_jax.models.heads import l2_normalize
+from imat.train_jax.objectives.spec import ObjectiveSpec
+
 MINING = ("batch_hard", "semi_hard", "offline")
 DEFAULT_MARGIN = 0.2
-DEFAULT_POSITIVE_THRESHOLD = 0.5
-DEFAULT_NEGATIVE_THRESHOLD = 0.25
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def pairwise_sq_distances(embeddings: jax.Array) -> jax.Array:
     """BxB squared Euclidean distances of unit vectors, 2 - 2cos, clipped at 0, zero diagonal."""
-    e = l2_normalize(embeddings)
+    e = l2_normalize(embeddings.astype(jnp.float32))
     d = jnp.maximum(2.0 - 2.0 * (e @ e.T), 0.0)
     return d * (1.0 - jnp.eye(e.shape[0], dtype=d.dtype))
-
-
-def relevance_masks(
-    categories: jax.Array,
-    positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD,
-    negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD,
-):
-    """(positive, negative) boolean BxB masks from multi-hot category rows (see module doc)."""
-    c = (categories >= 0.5).astype(jnp.float32)
-    inter = c @ c.T
-    sizes = jnp.sum(c, axis=1)
-    union = sizes[:, None] + sizes[None, :] - inter
-    jaccard = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 0.0)
-    not_self = ~jnp.eye(c.shape[0], dtype=bool)
-    positive = (jaccard >= positive_threshold) & not_self
-    negative = ((inter == 0) | (jaccard < negative_threshold)) & not_self
-    return positive, negative
 
 
 def _mean_pairwise_distance(d: jax.Array) -> jax.Array:
@@ -127,8 +100,8 @@ def loss_and_metrics(
     *,
     margin: float = DEFAULT_MARGIN,
     mining: str = "semi_hard",
-    positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD,
-    negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD,
+    positive_threshold: float = POSITIVE_THRESHOLD,
+    negative_threshold: float = NEGATIVE_THRESHOLD,
     **_unused,
 ) -> tuple:
     """Triplet loss with the chosen mining; see the module docstring for definitions."""
@@ -138,7 +111,7 @@ def loss_and_metrics(
     d = pairwise_sq_distances(embeddings)
     if mining == "offline":
         n = embeddings.shape[0] // 3
-        e = l2_normalize(embeddings)
+        e = l2_normalize(embeddings.astype(jnp.float32))
         a, p, q = e[:n], e[n : 2 * n], e[2 * n : 3 * n]
         d_ap = jnp.sum((a - p) ** 2, axis=-1)
         d_an = jnp.sum((a - q) ** 2, axis=-1)
@@ -146,7 +119,7 @@ def loss_and_metrics(
         correct = jnp.sum(d_ap < d_an).astype(jnp.float32)
         count = jnp.asarray(n, jnp.float32)
     else:
-        positive, negative = relevance_masks(batch["categories"], positive_threshold, negative_threshold)
+        positive, negative = relevance_masks(batch["categories"], positive_threshold, negative_threshold, xp=jnp)
         miner = batch_hard if mining == "batch_hard" else semi_hard
         loss, n_active, n_valid = miner(d, positive, negative, margin)
         correct, count = _all_triplet_accuracy(jax.lax.stop_gradient(d), positive, negative)
@@ -159,3 +132,31 @@ def loss_and_metrics(
         "mean_pairwise_distance": _mean_pairwise_distance(d),
     }
     return loss, metrics
+
+
+def _options(config) -> dict:
+    return {"margin": config.margin, "mining": config.mining, "positive_threshold": config.positive_threshold,
+            "negative_threshold": config.negative_threshold}
+
+
+def _validate(config) -> str | None:
+    if config.mining not in MINING:
+        return f"--mining {config.mining!r}: choose one of {', '.join(MINING)}"
+    if not config.margin >= 0:
+        return f"--margin {config.margin!r} must be >= 0"
+    return None
+
+
+SPEC = ObjectiveSpec(
+    name="triplet",
+    help="metric learning on the embedding head (Jaccard-relevance triplets, in-batch mining)",
+    loss_and_metrics=loss_and_metrics,
+    pipeline="triplet",
+    embedding_source="embedding",
+    trains=frozenset({"pooled", "embedding"}),
+    curve_metrics=("loss", "triplet_accuracy", "active_fraction", "mean_pairwise_distance", "map@10"),
+    options=_options,
+    pipeline_options=lambda config: {"mining": "offline" if config.mining == "offline" else "online"},
+    validate=_validate,
+    resume_keys=("mining",),
+)
