@@ -84,7 +84,7 @@ def size_outliers(widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
 
 def has_masks(ds: SourceDataset) -> bool:
     """Does this kind of source carry masks and attributes (Kaggle) or only image-level labels?"""
-    return ds.kind != "image-level"
+    return ds.has_masks
 
 
 def record_sizes(ds: SourceDataset) -> tuple[np.ndarray, np.ndarray, list[int]]:

@@ -189,6 +189,7 @@ class SourceDataset:
 
     kind: ClassVar[str] = ""
     csv_name: ClassVar[str] = ""
+    has_masks: ClassVar[bool] = True     # masks and attributes (Kaggle), or image-level labels only
 
     def category_matrix(self) -> np.ndarray:
         out = np.zeros((len(self.records), self.labels.num_categories), np.float32)

@@ -46,6 +46,7 @@ class ImageLevelDataset(SourceDataset):
 
     kind: ClassVar[str] = IMAGE_LEVEL
     csv_name: ClassVar[str] = IMAGE_LEVEL_CSV
+    has_masks: ClassVar[bool] = False
 
     def _headline(self) -> str:
         unlabelled = len(self.unlabelled)
