@@ -1,4 +1,4 @@
-"""`imat data ...`: check, synthesise, explore and prepare Kaggle-layout datasets.
+"""`imat data ...`: check, synthesise, explore and prepare dataset folders (Kaggle-layout or image-level).
 
 Each subcommand is a thin call into imat.data_tools; the heavier modules (eda, tfds_builder,
 synthetic) are imported inside the command so `imat data --help` stays fast and never loads the
@@ -7,6 +7,7 @@ training stack.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
@@ -22,23 +23,26 @@ _ROOT = click.Path(file_okay=False, path_type=pathlib.Path)
 
 @click.group("data")
 def data() -> None:
-    """Synthesise, check, explore and prepare Kaggle-layout datasets.
+    """Synthesise, check, explore and prepare dataset folders.
 
-    A dataset folder has the layout of Kaggle's iMaterialist Fashion 2020:
+    A dataset folder is either Kaggle-layout (iMaterialist Fashion 2020):
     train.csv (ImageId,EncodedPixels,Height,Width,ClassId,AttributesIds),
-    label_descriptions.json and train/<ImageId>.jpg.
+    label_descriptions.json and train/<ImageId>.jpg; or image-level:
+    labels.csv (ImageId,ClassIds; category ids 0..45, space-separated, may
+    be empty) and images/<ImageId>.jpg.
     """
 
 
 @data.command("check")
 @click.argument("root", type=_ROOT)
 @click.option("--strict", is_flag=True, help="Fail (exit 1) at the first bad row instead of skipping it.")
-@click.option("--no-images", is_flag=True, help="Do not check that train/<ImageId>.jpg exists for each image.")
+@click.option("--no-images", is_flag=True,
+              help="Do not check the image of each row (that it exists and, for train.csv, its size).")
 def check(root: pathlib.Path, strict: bool, no_images: bool) -> None:
-    """Read ROOT (a Kaggle-layout folder) and report rows/images read and dropped, by reason."""
-    from imat.data_tools.kaggle import read_kaggle
+    """Read ROOT (Kaggle-layout or image-level) and report rows/images read and dropped, by reason."""
+    from imat.data_tools.sources import read_source
 
-    ds = read_kaggle(root, strict=strict, check_images=not no_images)
+    ds = read_source(root, strict=strict, check_images=not no_images)
     click.echo(ds.summary())
 
 
@@ -60,19 +64,21 @@ def synth(out: pathlib.Path, num_images: int, seed: int) -> None:
 @click.option("--out", "out_dir", type=_ROOT, required=True, help="Folder for report.html and its plots.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) at the first bad row instead of skipping it.")
 def stats(root: pathlib.Path, out_dir: pathlib.Path, strict: bool) -> None:
-    """Statistics and plots of the dataset in ROOT, written as an HTML report to --out."""
+    """Statistics and plots of the dataset in ROOT (either kind), written as an HTML report to --out."""
     from imat.data_tools import eda
-    from imat.data_tools.kaggle import read_kaggle
+    from imat.data_tools.sources import read_source
 
-    ds = read_kaggle(root, strict=strict)
+    ds = read_source(root, strict=strict)
     path = eda.write_report(ds, out_dir)
-    format_summary = getattr(eda, "format_summary", None)
-    click.echo(format_summary(eda.compute_stats(ds)) if format_summary else ds.summary())
+    click.echo(eda.format_summary(json.loads((out_dir / "stats.json").read_text())))
+    if not eda.has_masks(ds):
+        click.echo("note: image-level source (no masks, no attributes): attribute and mask-example plots "
+                   "left out of the report")
     click.echo(f"report: {path}")
 
 
 @data.command("prepare")
-@click.argument("root", type=_ROOT)
+@click.argument("sources", nargs=-1, required=True, type=_ROOT)
 @click.option("--out", "out_dir", type=_ROOT, required=True,
               help="Data dir to write the prepared (TFDS array_record) dataset to; give it to `imat train`.")
 @click.option("--image-size", type=click.IntRange(min=8), default=DEFAULT_IMAGE_SIZE, show_default=True,
@@ -85,13 +91,20 @@ def stats(root: pathlib.Path, out_dir: pathlib.Path, strict: bool) -> None:
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Fraction of images held out for validation.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) at the first bad row instead of skipping it.")
-def prepare(root: pathlib.Path, out_dir: pathlib.Path, image_size: int, resize_mode: str, workers: int | None,
-            seed: int, val_fraction: float, strict: bool) -> None:
-    """Decode, resize and write the dataset in ROOT as a prepared dataset under --out."""
+def prepare(sources: tuple[pathlib.Path, ...], out_dir: pathlib.Path, image_size: int, resize_mode: str,
+            workers: int | None, seed: int, val_fraction: float, strict: bool) -> None:
+    """Decode, resize and write SOURCES as one prepared dataset under --out.
+
+    Each source is a Kaggle-layout or an image-level folder; several are merged (an ImageId in two
+    sources is an error). Labelled photos are split into train/validation by id; photos without
+    labels go to an "unlabelled" split, for self-supervised training.
+    """
     from imat.data_tools.tfds_builder import prepare as prepare_dataset
 
-    if not root.is_dir():
-        raise DataError(f"{root}: not a folder; give a Kaggle-layout dataset folder")
-    path = prepare_dataset(root, out_dir, image_size=image_size, resize_mode=resize_mode, workers=workers,
-                           seed=seed, val_fraction=val_fraction, strict=strict)
+    for root in sources:
+        if not root.is_dir():
+            raise DataError(f"{root}: not a folder; give Kaggle-layout (train.csv) or image-level "
+                            "(labels.csv) dataset folders")
+    path = prepare_dataset(list(sources), out_dir, image_size=image_size, resize_mode=resize_mode,
+                           workers=workers, seed=seed, val_fraction=val_fraction, strict=strict)
     click.echo(str(path))

@@ -1,4 +1,4 @@
-"""Statistics and plots of a Kaggle-layout dataset (exploratory data analysis).
+"""Statistics and plots of a source dataset, Kaggle-layout or image-level (exploratory data analysis).
 
 `compute_stats(ds)` returns a JSON-able dict (counts, frequencies, histograms, size outliers,
 category co-occurrence); `format_summary(stats)` renders it for a terminal; `write_report(ds, out)`
@@ -8,6 +8,10 @@ Plots use matplotlib's Agg canvas directly (a `Figure` + `FigureCanvasAgg`), so 
 imat nor writing a report touches pyplot's global backend state. Example images are decoded
 downscaled (JPEG draft mode) and masks are subsampled to the display size right after decoding,
 so a 6000x4000 photo never reaches the plot at full resolution.
+
+An image-level source (labels.csv) has no masks and no attributes: its report leaves out the
+attribute and mask-example plots (with a note saying so), and its image sizes are read from the
+image headers (labels.csv gives none).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import pathlib
 import numpy as np
 
 from imat.fileio import atomic_write_bytes
-from imat.data_tools.images import decode_image
-from imat.data_tools.kaggle import KaggleDataset, rle_decode
+from imat.data_tools.images import decode_image, read_image_size
+from imat.data_tools.kaggle import SourceDataset, rle_decode
 from imat.errors import DataError, ImatError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ PLOTS = (
                          "the diagonal is each category's image count."),
     ("examples.png", "Example images with their masks overlaid in category colours."),
 )
+MASK_PLOTS = ("attribute_frequency.png", "examples.png")   # need masks / attributes
 
 
 # ---- statistics ---------------------------------------------------------------------------------------
@@ -77,8 +82,35 @@ def size_outliers(widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
     return out | (np.maximum(widths, heights) > LARGE_SIDE)
 
 
-def compute_stats(ds: KaggleDataset) -> dict:
-    """JSON-able statistics of a read dataset (counts agree with ds.category_matrix() etc.)."""
+def has_masks(ds: SourceDataset) -> bool:
+    """Does this kind of source carry masks and attributes (Kaggle) or only image-level labels?"""
+    return ds.has_masks
+
+
+def record_sizes(ds: SourceDataset) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(widths, heights, record indices) of the records whose size is known: from the CSV, else from
+    the image header (cheap: nothing is decoded). Unreadable images are left out, with a log line."""
+    widths, heights, index = [], [], []
+    for i, r in enumerate(ds.records):
+        if r.width is not None and r.height is not None:
+            w, h = r.width, r.height
+        else:
+            try:
+                w, h = read_image_size(r.path)
+            except ImatError as e:
+                logger.warning("image size of %s unknown: %s", r.image_id, e)
+                continue
+        widths.append(w)
+        heights.append(h)
+        index.append(i)
+    return np.array(widths, np.int64), np.array(heights, np.int64), index
+
+
+def compute_stats(ds: SourceDataset, sizes: tuple[np.ndarray, np.ndarray, list[int]] | None = None) -> dict:
+    """JSON-able statistics of a read dataset (counts agree with ds.category_matrix() etc.).
+
+    sizes: record_sizes(ds), when the caller has it already.
+    """
     labels = ds.labels
     records = ds.records
     n = len(records)
@@ -103,10 +135,9 @@ def compute_stats(ds: KaggleDataset) -> dict:
     used_attrs = [a for a in attributes if a["rows"] > 0]
     top_attrs = sorted(used_attrs, key=lambda a: (-a["rows"], a["id"]))[:TOP_ATTRIBUTES]
 
-    widths = np.array([r.width for r in records], np.int64)
-    heights = np.array([r.height for r in records], np.int64)
+    widths, heights, sized = sizes if sizes is not None else record_sizes(ds)
     outliers = size_outliers(widths, heights)
-    outlier_ids = [records[i].image_id for i in np.flatnonzero(outliers)]
+    outlier_ids = [records[sized[i]].image_id for i in np.flatnonzero(outliers)]
     rows_without_attrs = sum(1 for r in records for m in r.masks if not m.attribute_ids)
     cooc = (cat_matrix.T.astype(np.int64) @ cat_matrix.astype(np.int64)) if n else \
         np.zeros((labels.num_categories,) * 2, np.int64)
@@ -116,7 +147,11 @@ def compute_stats(ds: KaggleDataset) -> dict:
 
     return {
         "root": str(ds.root),
+        "kind": ds.kind,
+        "csv": ds.csv_name,
+        "has_masks": has_masks(ds),
         "images": n,
+        "unlabelled": int(sum(1 for r in records if not r.categories)),
         "mask_rows": int(sum(len(r.masks) for r in records)),
         "rows_read": int(getattr(ds, "num_rows_read", 0)),
         "images_seen": int(getattr(ds, "num_images_seen", n)),
@@ -136,7 +171,8 @@ def compute_stats(ds: KaggleDataset) -> dict:
             "height": _describe(heights),
             "portrait": int((heights > widths * 1.05).sum()),
             "landscape": int((widths > heights * 1.05).sum()),
-            "square": int(n - (heights > widths * 1.05).sum() - (widths > heights * 1.05).sum()),
+            "square": int(widths.size - (heights > widths * 1.05).sum() - (widths > heights * 1.05).sum()),
+            "known": int(widths.size),
             "larger_than_%d" % LARGE_SIDE: int((np.maximum(widths, heights) > LARGE_SIDE).sum()),
             "outlier_rule": f"width or height beyond max({IQR_FACTOR:g} IQR, {MIN_OUTLIER_DEVIATION:g} median) "
                             f"of the quartiles, or a side > {LARGE_SIDE}",
@@ -152,31 +188,43 @@ def compute_stats(ds: KaggleDataset) -> dict:
 def format_summary(stats: dict, *, top: int = 10) -> str:
     """A readable multi-line summary of compute_stats() output, for stdout."""
     s = stats
-    lines = [f"dataset: {s['root']}",
-             f"  {s['images']} labelled images, {s['mask_rows']} mask rows "
-             f"({s['images_seen']} images / {s['rows_read']} rows in train.csv; {s['problems']['count']} problems)"]
+    masks = s.get("has_masks", True)
+    cpi, api, mpi = s["categories_per_image"], s["attributes_per_image"], s["masks_per_image"]
+    if masks:
+        lines = [f"dataset: {s['root']}",
+                 f"  {s['images']} labelled images, {s['mask_rows']} mask rows "
+                 f"({s['images_seen']} images / {s['rows_read']} rows in train.csv; "
+                 f"{s['problems']['count']} problems)"]
+    else:
+        lines = [f"dataset: {s['root']} (image-level labels: no masks, no attributes)",
+                 f"  {s['images']} images, {s['unlabelled']} without labels "
+                 f"({s['images_seen']} images / {s['rows_read']} rows in {s['csv']}; "
+                 f"{s['problems']['count']} problems)"]
     for kind, count in s["problems"]["by_kind"].items():
         lines.append(f"    {kind}: {count}")
-    cpi, api, mpi = s["categories_per_image"], s["attributes_per_image"], s["masks_per_image"]
-    lines.append(f"  categories per image: mean {cpi['mean']}, median {cpi['median']}, max {cpi['max']}; "
-                 f"masks per image: mean {mpi['mean']}, max {mpi['max']}")
-    lines.append(f"  attributes per image: mean {api['mean']}, max {api['max']}; "
-                 f"mask rows without attributes: {s['rows_without_attributes']} of {s['mask_rows']}")
+    if masks:
+        lines.append(f"  categories per image: mean {cpi['mean']}, median {cpi['median']}, max {cpi['max']}; "
+                     f"masks per image: mean {mpi['mean']}, max {mpi['max']}")
+        lines.append(f"  attributes per image: mean {api['mean']}, max {api['max']}; "
+                     f"mask rows without attributes: {s['rows_without_attributes']} of {s['mask_rows']}")
+    else:
+        lines.append(f"  categories per image: mean {cpi['mean']}, median {cpi['median']}, max {cpi['max']}")
     cats = sorted(s["categories"], key=lambda c: (-c["images"], c["id"]))
-    lines.append(f"top {min(top, len(cats))} categories (images / instances):")
+    lines.append(f"top {min(top, len(cats))} categories (images{' / instances' if masks else ''}):")
     n = max(s["images"], 1)
     for c in cats[:top]:
-        lines.append(f"  {c['id']:>3} {c['name'][:34]:<34} {c['images']:>7} ({100 * c['images'] / n:5.1f}%) "
-                     f"{c['instances']:>8}")
+        lines.append(f"  {c['id']:>3} {c['name'][:34]:<34} {c['images']:>7} ({100 * c['images'] / n:5.1f}%)"
+                     + (f" {c['instances']:>8}" if masks else ""))
     unused = s["categories_unused"]
     listed = f" ({', '.join(unused[:8])}{', ...' if len(unused) > 8 else ''})" if unused else ""
     lines.append(f"categories never seen: {len(unused)}{listed}")
-    lines.append(f"attributes used: {s['attributes_used']} of {s['num_attributes']} "
-                 f"({s['attributes_unused']} unused)")
-    for a in s["attributes_top"][:min(top, 5)]:
-        lines.append(f"  {a['id']:>3} {a['name'][:34]:<34} {a['rows']:>8} rows")
+    if masks:
+        lines.append(f"attributes used: {s['attributes_used']} of {s['num_attributes']} "
+                     f"({s['attributes_unused']} unused)")
+        for a in s["attributes_top"][:min(top, 5)]:
+            lines.append(f"  {a['id']:>3} {a['name'][:34]:<34} {a['rows']:>8} rows")
     sz = s["image_sizes"]
-    if s["images"]:
+    if sz.get("known", s["images"]):
         wd, ht = sz["width"], sz["height"]
         lines.append(f"image sizes: width {wd['min']}..{wd['max']} (median {wd['median']:g}), "
                      f"height {ht['min']}..{ht['max']} (median {ht['median']:g})")
@@ -235,12 +283,16 @@ def _plot_category_frequency(stats: dict, path: pathlib.Path) -> None:
     y = np.arange(len(cats))
     fig = Figure(figsize=(9, 0.22 * len(cats) + 1.5))
     ax = fig.add_subplot()
-    ax.barh(y - 0.2, inst, height=0.4, label="instances (mask rows)", color="#9ecae1")
-    ax.barh(y + 0.2, images, height=0.4, label="images", color="#08519c")
+    if stats.get("has_masks", True):
+        ax.barh(y - 0.2, inst, height=0.4, label="instances (mask rows)", color="#9ecae1")
+        ax.barh(y + 0.2, images, height=0.4, label="images", color="#08519c")
+    else:   # image-level labels: no instances to count
+        ax.barh(y, images, height=0.6, label="images", color="#08519c")
     ax.set_yticks(y, names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("count")
-    ax.set_title(f"Category frequency ({stats['images']} images, {stats['mask_rows']} mask rows)")
+    ax.set_title(f"Category frequency ({stats['images']} images"
+                 + (f", {stats['mask_rows']} mask rows)" if stats.get("has_masks", True) else ", image-level labels)"))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     _save_figure(fig, path)
@@ -284,11 +336,10 @@ def _plot_categories_per_image(stats: dict, path: pathlib.Path) -> None:
     _save_figure(fig, path)
 
 
-def _plot_image_sizes(ds: KaggleDataset, stats: dict, path: pathlib.Path) -> None:
+def _plot_image_sizes(ds: SourceDataset, stats: dict, path: pathlib.Path, sizes) -> None:
     from matplotlib.figure import Figure
 
-    widths = np.array([r.width for r in ds.records], np.int64)
-    heights = np.array([r.height for r in ds.records], np.int64)
+    widths, heights, sized = sizes
     out = size_outliers(widths, heights)
     fig = Figure(figsize=(6.5, 6))
     ax = fig.add_subplot()
@@ -297,7 +348,7 @@ def _plot_image_sizes(ds: KaggleDataset, stats: dict, path: pathlib.Path) -> Non
         ax.scatter(widths[out], heights[out], s=22, color="#de2d26", label=f"outliers ({int(out.sum())})")
         if out.sum() <= 12:
             for i in np.flatnonzero(out):
-                ax.annotate(ds.records[i].image_id[:8], (widths[i], heights[i]), fontsize=6,
+                ax.annotate(ds.records[sized[i]].image_id[:8], (widths[i], heights[i]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
     top = max(int(widths.max(initial=1)), int(heights.max(initial=1))) * 1.05
     ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--", label="square")
@@ -355,7 +406,7 @@ def _example_overlay(rec, colours: np.ndarray, long_side: int = EXAMPLE_LONG_SID
     return img, sorted(set(shown))
 
 
-def _plot_examples(ds: KaggleDataset, path: pathlib.Path, examples: int, seed: int) -> None:
+def _plot_examples(ds: SourceDataset, path: pathlib.Path, examples: int, seed: int) -> None:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -404,9 +455,13 @@ def _html(stats: dict) -> str:
         for c in cats)
     sz = stats["image_sizes"]
     problems = "".join(f"<li>{e(k)}: {v}</li>" for k, v in stats["problems"]["by_kind"].items())
+    masks = stats.get("has_masks", True)
     figures = "\n".join(
         f'<figure><img src="{name}" alt="{e(name)}"><figcaption>{e(caption)}</figcaption></figure>'
-        for name, caption in PLOTS)
+        for name, caption in PLOTS if masks or name not in MASK_PLOTS)
+    if not masks:
+        figures += ("\n<p>No attribute or mask-example plots: this is an image-level source "
+                    f"({e(stats['csv'])}), which has neither masks nor attributes.</p>")
     width, height = sz["width"], sz["height"]
     size_line = (f"width {width['min']}&ndash;{width['max']} (median {width['median']:g}), "
                  f"height {height['min']}&ndash;{height['max']} (median {height['median']:g}); "
@@ -423,8 +478,9 @@ figcaption {{ color: #555; font-size: 14px; }}
 <h1>Dataset report</h1>
 <p><code>{e(stats['root'])}</code></p>
 <ul>
-<li>{stats['images']} labelled images, {stats['mask_rows']} mask rows
- ({stats['images_seen']} images and {stats['rows_read']} rows in train.csv)</li>
+<li>{stats['images']} {'labelled images' if masks else 'images'}, {stats['mask_rows']} mask rows
+ ({stats['images_seen']} images and {stats['rows_read']} rows in {e(stats.get('csv', 'train.csv'))}){
+ '' if masks else f"; image-level labels, {stats['unlabelled']} photos without labels"}</li>
 <li>categories per image: mean {stats['categories_per_image']['mean']}, max {stats['categories_per_image']['max']};
  {len(stats['categories_unused'])} of {stats['num_categories']} categories never seen</li>
 <li>attributes: {stats['attributes_used']} of {stats['num_attributes']} used;
@@ -443,21 +499,26 @@ figcaption {{ color: #555; font-size: 14px; }}
 """
 
 
-def write_report(ds: KaggleDataset, out_dir, *, examples: int = 6, seed: int = 0) -> pathlib.Path:
+def write_report(ds: SourceDataset, out_dir, *, examples: int = 6, seed: int = 0) -> pathlib.Path:
     """Write the PNG plots, stats.json and report.html to out_dir; returns the path of report.html."""
     out = pathlib.Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{out}: cannot create the report folder ({e.strerror or e})") from None
-    stats = compute_stats(ds)
+    sizes = record_sizes(ds)
+    stats = compute_stats(ds, sizes)
     atomic_write_bytes(out / "stats.json", (json.dumps(stats, indent=1) + "\n").encode("utf-8"))
     _plot_category_frequency(stats, out / "category_frequency.png")
-    _plot_attribute_frequency(stats, out / "attribute_frequency.png")
     _plot_categories_per_image(stats, out / "categories_per_image.png")
-    _plot_image_sizes(ds, stats, out / "image_sizes.png")
+    _plot_image_sizes(ds, stats, out / "image_sizes.png", sizes)
     _plot_cooccurrence(stats, out / "cooccurrence.png")
-    _plot_examples(ds, out / "examples.png", examples, seed)
+    if has_masks(ds):
+        _plot_attribute_frequency(stats, out / "attribute_frequency.png")
+        _plot_examples(ds, out / "examples.png", examples, seed)
+    else:
+        logger.info("%s: image-level source (no masks, no attributes): attribute and mask-example plots "
+                    "left out", ds.root)
     report = out / "report.html"
     atomic_write_bytes(report, _html(stats).encode("utf-8"))
     logger.info("wrote dataset report to %s", report)

@@ -6,6 +6,8 @@ vectorised with numpy, and `list_images` for plain folders of images.
 Bad rows never stop a non-strict read: each becomes a `Problem` (file, line, image, reason), is
 logged and skipped, and `KaggleDataset.summary()` counts them by reason. A reason always starts
 with its kind ("bad RLE: ...", "unknown ClassId: ..."), which is what the summary groups by.
+`Problem`, `ProblemCollector`, `SourceDataset` and `check_image_id` are the reporting mechanism every
+source reader shares (see `imat.data_tools.sources` for the image-level reader).
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import collections
 import csv
 import logging
 import pathlib
+import os
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+from PIL import Image
 
+from imat.data_tools.images import read_image_size
 from imat.data_tools.labels import LabelSpace
-from imat.errors import DataError
+from imat.errors import DataError, ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +140,16 @@ class MaskRow:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image with all its valid mask rows."""
+    """One image with its labels: what the prepare step consumes, whatever the kind of source.
+
+    Kaggle records carry their valid mask rows and the size train.csv gives; image-level records
+    (labels.csv) have no masks, no attributes and height = width = None (read from the image later).
+    """
 
     image_id: str
     path: pathlib.Path
-    height: int
-    width: int
+    height: int | None
+    width: int | None
     masks: tuple[MaskRow, ...]
     categories: tuple[int, ...]
     attributes: tuple[int, ...]
@@ -164,15 +174,22 @@ class Problem:
 
 
 @dataclass
-class KaggleDataset:
-    """A read Kaggle folder: valid image records (in order of first appearance) and the problems met."""
+class SourceDataset:
+    """A read source folder: valid image records (in order of first appearance) and the problems met.
+
+    Subclasses name their kind ("kaggle", "image-level") and their CSV; the rest is shared.
+    """
 
     root: pathlib.Path
     labels: LabelSpace
     records: list[ImageRecord]
     problems: list[Problem]
-    num_rows_read: int = 0       # data rows in train.csv (excluding the header and blank lines)
-    num_images_seen: int = 0     # distinct ImageIds met in train.csv
+    num_rows_read: int = 0       # data rows in the CSV (excluding the header and blank lines)
+    num_images_seen: int = 0     # distinct ImageIds met in the CSV
+
+    kind: ClassVar[str] = ""
+    csv_name: ClassVar[str] = ""
+    has_masks: ClassVar[bool] = True     # masks and attributes (Kaggle), or image-level labels only
 
     def category_matrix(self) -> np.ndarray:
         out = np.zeros((len(self.records), self.labels.num_categories), np.float32)
@@ -190,19 +207,23 @@ class KaggleDataset:
     def num_rows_kept(self) -> int:
         return sum(len(r.masks) for r in self.records)
 
+    @property
+    def unlabelled(self) -> list[ImageRecord]:
+        """Records without any category (kept out of supervised splits)."""
+        return [r for r in self.records if not r.categories]
+
+    def _headline(self) -> str:
+        raise NotImplementedError
+
+    def _dropped(self) -> str:
+        raise NotImplementedError
+
     def summary(self) -> str:
-        kept_rows, kept_images = self.num_rows_kept, len(self.records)
-        lines = [
-            f"{self.root}: {kept_images} images and {kept_rows} mask rows read "
-            f"(of {self.num_images_seen} images, {self.num_rows_read} rows in train.csv)",
-        ]
-        dropped_rows = self.num_rows_read - kept_rows
-        dropped_images = self.num_images_seen - kept_images
+        lines = [self._headline()]
         if not self.problems:
             lines.append("no problems found")
             return "\n".join(lines)
-        lines.append(f"dropped {dropped_rows} rows and {dropped_images} images; "
-                     f"{len(self.problems)} problems by reason:")
+        lines.append(f"{self._dropped()}; {len(self.problems)} problems by reason:")
         counts = collections.Counter(p.kind for p in self.problems)
         for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
             first = next(p for p in self.problems if p.kind == kind)
@@ -210,9 +231,25 @@ class KaggleDataset:
         return "\n".join(lines)
 
 
+@dataclass
+class KaggleDataset(SourceDataset):
+    """A read Kaggle folder (train.csv with one row per mask)."""
+
+    kind: ClassVar[str] = "kaggle"
+    csv_name: ClassVar[str] = "train.csv"
+
+    def _headline(self) -> str:
+        return (f"{self.root}: {len(self.records)} images and {self.num_rows_kept} mask rows read "
+                f"(of {self.num_images_seen} images, {self.num_rows_read} rows in train.csv)")
+
+    def _dropped(self) -> str:
+        return (f"dropped {self.num_rows_read - self.num_rows_kept} rows and "
+                f"{self.num_images_seen - len(self.records)} images")
+
+
 # ---- reader ------------------------------------------------------------------------------------------
 
-class _Collector:
+class ProblemCollector:
     """Collects problems; raises at the first one in strict mode; logs a capped number."""
 
     def __init__(self, strict: bool):
@@ -243,6 +280,40 @@ def _parse_int(text: str, what: str, positive: bool = True) -> int:
     return value
 
 
+_SEPARATORS = tuple({"/", "\\", os.sep, os.altsep or "/"})
+
+
+def check_image_id(image_id: str) -> None:
+    """DataError('bad ImageId: ...') unless image_id is a plain file name stem (ids are names, not paths)."""
+    if any(sep in image_id for sep in _SEPARATORS) or ".." in image_id or os.path.isabs(image_id):
+        raise DataError(f"bad ImageId: {image_id[:60]!r} is a path; an ImageId is a plain name "
+                        "(no '/', '\\' or '..'), the image being <ImageId>.jpg in the image folder")
+    if "\x00" in image_id or not image_id.isprintable():
+        raise DataError(f"bad ImageId: {image_id[:60]!r} has control characters; an ImageId is a plain name")
+
+
+def _header_size_mismatch(path: pathlib.Path, height: int, width: int) -> str | None:
+    """None when the image's header agrees with (height, width), else the size it has.
+
+    Reads the header only (PIL opens lazily, nothing is decoded). A file PIL cannot open is left
+    to the decoder, which reports it as a corrupt image where it is decoded.
+    """
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    if (h, w) == (height, width):
+        return None
+    try:  # train.csv may give the size as displayed, after the EXIF orientation: accept that too
+        dw, dh = read_image_size(path)
+    except ImageDecodeError:
+        dw, dh = w, h
+    if (dh, dw) == (height, width):
+        return None
+    return f"{h}x{w}" if (dh, dw) == (h, w) else f"{h}x{w} ({dh}x{dw} after EXIF orientation)"
+
+
 def _read_labels(root: pathlib.Path) -> LabelSpace:
     path = root / "label_descriptions.json"
     if not path.is_file():
@@ -269,7 +340,7 @@ def read_kaggle(root, *, strict: bool = False, check_images: bool = True,
         raise DataError(f"{csv_path}: not found; a Kaggle folder needs train.csv "
                         "(ImageId,EncodedPixels,Height,Width,ClassId,AttributesIds)")
     file = str(csv_path)
-    problems = _Collector(strict)
+    problems = ProblemCollector(strict)
 
     rows_by_image: dict[str, list[MaskRow]] = {}
     size_by_image: dict[str, tuple[int, int, int]] = {}  # image -> (height, width, line first seen)
@@ -306,6 +377,7 @@ def read_kaggle(root, *, strict: bool = False, check_images: bool = True,
                     image_id = row[col["ImageId"]].strip()
                     if not image_id:
                         raise DataError("empty ImageId: every row needs the image it belongs to")
+                    check_image_id(image_id)
                     first_line.setdefault(image_id, line)
                     height = _parse_int(row[col["Height"]], "Height")
                     width = _parse_int(row[col["Width"]], "Width")
@@ -353,7 +425,15 @@ def read_kaggle(root, *, strict: bool = False, check_images: bool = True,
             problems.add(Problem(file, first_line[image_id], image_id,
                                  f"missing image file: {path} not found; its {len(masks)} rows dropped"))
             continue
-        height, width, _ = size_by_image[image_id]
+        height, width, size_line = size_by_image[image_id]
+        if existing is not None:
+            real = _header_size_mismatch(path, height, width)
+            if real is not None:
+                problems.add(Problem(file, size_line, image_id,
+                                     f"wrong Height/Width: {height}x{width} in train.csv but {path.name} is "
+                                     f"{real} (height x width); its {len(masks)} rows dropped (masks would "
+                                     "not fit the image)"))
+                continue
         records.append(ImageRecord(
             image_id=image_id, path=path, height=height, width=width, masks=tuple(masks),
             categories=tuple(sorted({m.class_id for m in masks})),

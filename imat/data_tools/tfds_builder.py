@@ -1,4 +1,9 @@
-"""TFDS builder for iMaterialist Fashion 2020: Kaggle folder (manual dir) -> array_record, pre-resized.
+"""TFDS builder for iMaterialist Fashion 2020: source folders (manual dir) -> array_record, pre-resized.
+
+The sources are one or more folders of either kind `imat.data_tools.sources` reads (Kaggle layout or
+image-level labels.csv), merged into one dataset: labelled photos are split 80/20 (seeded, by id)
+into "train" and "validation"; image-level photos without labels go to an "unlabelled" split (for
+self-supervision); a Kaggle folder's test/ images go to "test".
 
 Works without TensorFlow: `GeneratorBasedBuilder` + `file_format="array_record"` serialises examples
 with TFDS's numpy/protobuf path, and `tfds.builder_from_directory(dir).as_data_source()` reads them
@@ -11,13 +16,15 @@ would need TF or a decode per read, which is what preparing is meant to avoid).
 
 `prepare(...)` is the entry point. It builds into a private staging folder inside `out_dir` and
 swaps the finished version folder into place with renames, so a killed or failed prepare never
-damages an earlier prepared dataset, and a second prepare with the same options is a no-op.
+damages an earlier prepared dataset, and a second prepare with the same options and sources is a no-op.
+Decode worker processes die with the process that started them (even when it is SIGKILLed).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
 import dataclasses
 import json
 import logging
@@ -26,8 +33,11 @@ import os
 import pathlib
 import secrets
 import shutil
+import signal
 import sys
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -36,7 +46,7 @@ from tqdm.auto import tqdm
 
 from imat.fileio import atomic_write_text
 from imat.constants import DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE_MODE, NUM_ATTRIBUTES, NUM_CATEGORIES, RESIZE_MODES
-from imat.data_tools import kaggle
+from imat.data_tools import kaggle, sources as source_kinds
 from imat.data_tools.images import decode_image, read_image_size
 from imat.errors import ConfigError, DataError, ImageDecodeError
 
@@ -53,11 +63,13 @@ _OLD_PREFIX = ".imat-old-"
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download the Kaggle competition "iMaterialist (Fashion) 2020 at FGVC7"
 (https://www.kaggle.com/c/imaterialist-fashion-2020-fgvc7/data) and give its folder as the
-manual dir (`imat data prepare ROOT OUT`, or DownloadConfig(manual_dir=ROOT)). It must hold:
+manual dir (`imat data prepare ROOT --out OUT`, or DownloadConfig(manual_dir=ROOT)). It must hold:
   ROOT/train.csv                 ImageId,EncodedPixels,Height,Width,ClassId,AttributesIds
   ROOT/label_descriptions.json   the 46 categories and 294 attributes
   ROOT/train/<ImageId>.jpg       the training images
   ROOT/test/*.jpg                optional: unlabelled images, prepared as the "test" split
+Or an image-level folder: ROOT/labels.csv (ImageId,ClassIds; ids space-separated) and
+ROOT/images/<ImageId>.jpg. `imat data prepare SRC [SRC ...]` merges several folders of either kind.
 """
 
 
@@ -122,6 +134,44 @@ def _decode_task(task: _Task) -> tuple[np.ndarray | None, tuple[int, int] | None
         return None, None, e.reason
 
 
+_PR_SET_PDEATHSIG = 1          # from <linux/prctl.h>
+_PARENT_POLL_S = 1.0
+
+
+def _arm_parent_death_signal() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies; False where prctl is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(_PARENT_POLL_S)
+        if os.getppid() != parent_pid:      # reparented: the parent is gone
+            os._exit(1)
+
+
+def _die_with_parent(parent_pid: int, use_prctl: bool = True) -> None:
+    """Worker initializer: exit when the parent does, so a SIGKILLed prepare leaves no worker behind
+    (blocked forever on its task queue, reparented to init).
+
+    PR_SET_PDEATHSIG where Linux offers it (it fires when the forking *thread* ends: the pool is
+    forked from the thread that runs prepare, which shuts it down before returning); else a daemon
+    thread that polls the parent pid. Either way, a parent that died before this ran is noticed here.
+    """
+    armed = use_prctl and _arm_parent_death_signal()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                         name="imat-parent-watch").start()
+
+
 def _make_executor(workers: int) -> concurrent.futures.Executor:
     """Processes (fork) when safe; threads when a multithreaded runtime (JAX) is loaded, where fork
     can deadlock. PIL releases the GIL while decoding and resizing, so threads still scale."""
@@ -129,7 +179,8 @@ def _make_executor(workers: int) -> concurrent.futures.Executor:
         return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="imat-decode")
     if "jax" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
         return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imat-decode")
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                                                  initializer=_die_with_parent, initargs=(os.getpid(),))
     pool.submit(int).result()   # with fork, the first submit forks every worker: do it now, not later
     return pool
 
@@ -171,11 +222,11 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
     code_path = _ClassProperty(lambda cls: epath.Path(__file__))
 
     def __init__(self, *, seed: int = 0, val_fraction: float = 0.2, workers: int | None = None,
-                 strict: bool = False, source: kaggle.KaggleDataset | None = None,
+                 strict: bool = False, sources: Sequence[kaggle.SourceDataset] | None = None,
                  executor: concurrent.futures.Executor | None = None, **kwargs):
         """seed/val_fraction: the train/validation split; workers: decode processes (default: all
-        cores); strict: stop at the first problem; source: the manual dir already read (else it is
-        read in _split_generators); executor: a decode pool to use (else one per split)."""
+        cores); strict: stop at the first problem; sources: the source folders already read (else
+        the manual dir is read in _split_generators); executor: a decode pool to use (else one per split)."""
         self.seed = int(seed)
         self.val_fraction = float(val_fraction)
         self.workers = max(1, int(workers or os.cpu_count() or 1))
@@ -183,7 +234,8 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
         self.problems: list[kaggle.Problem] = []      # filled while generating
         self.source_summary: str = ""
         self.labels = None
-        self._source = source
+        self._sources = list(sources) if sources is not None else None
+        self.source_counts: list[dict] = []           # per source: path, kind, counts (filled while generating)
         self._executor = executor
         super().__init__(**kwargs)
 
@@ -208,50 +260,47 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         root = pathlib.Path(dl_manager.manual_dir)
-        ds = self._source if self._source is not None else kaggle.read_kaggle(root, strict=self.strict)
-        if ds.labels.num_categories != NUM_CATEGORIES or ds.labels.num_attributes != NUM_ATTRIBUTES:
-            raise DataError(f"{root / LABELS_NAME}: {ds.labels.num_categories} categories and "
-                            f"{ds.labels.num_attributes} attributes, expected {NUM_CATEGORIES} and "
+        read = self._sources if self._sources is not None else [source_kinds.read_source(root, strict=self.strict)]
+        merged = source_kinds.merge_sources(read)
+        labels = merged.labels
+        if labels.num_categories != NUM_CATEGORIES or labels.num_attributes != NUM_ATTRIBUTES:
+            raise DataError(f"{merged.labels_file}: {labels.num_categories} categories and "
+                            f"{labels.num_attributes} attributes, expected {NUM_CATEGORIES} and "
                             f"{NUM_ATTRIBUTES} (the iMaterialist 2020 label space)")
-        if not ds.records:
-            raise DataError(f"{root / 'train.csv'}: no usable image (see the problems logged above)")
-        self.labels = ds.labels
-        self.problems = list(ds.problems)
-        self.source_summary = ds.summary()
-        by_id = {r.image_id: r for r in ds.records}
+        self.labels = labels
+        self.problems = list(merged.problems)
+        self.source_summary = "\n".join(ds.summary() for ds in read)
+        self.source_counts = merged.counts
+        by_id = {r.image_id: r for r in merged.labelled}
         train_ids, val_ids = split_ids(by_id, self.seed, self.val_fraction)
         splits = {"train": self._generate_examples([by_id[i] for i in train_ids], "train")}
         if val_ids:
             splits["validation"] = self._generate_examples([by_id[i] for i in val_ids], "validation")
-        test_dir = root / "test"
-        if test_dir.is_dir():
-            test_paths = kaggle.list_images(test_dir)
-            if test_paths:
-                splits["test"] = self._generate_examples(test_paths, "test")
+        if merged.unlabelled:
+            logger.warning("%d photos have no labels: kept out of train/validation, written to the "
+                           "'unlabelled' split (e.g. %s)", len(merged.unlabelled),
+                           ", ".join(f"{r.path}" for r in merged.unlabelled[:3]))
+            splits["unlabelled"] = self._generate_examples(sorted(merged.unlabelled, key=lambda r: r.image_id),
+                                                           "unlabelled")
+        test = _test_records(read)
+        if test:
+            splits["test"] = self._generate_examples(test, "test")
         return splits
 
-    def _generate_examples(self, items: list, split: str):
+    def _generate_examples(self, items: list[kaggle.ImageRecord], split: str):
         """Yields (image_id, example); originals decoded in a pool of `workers`, in order."""
         size, mode = self.builder_config.image_size, self.builder_config.resize_mode
-        labelled = split != "test"
-        if labelled:   # ImageRecords
-            tasks = [_Task(r.image_id, str(r.path), size, mode, need_size=False) for r in items]
-        else:          # paths of unlabelled images: id = file stem (the file name if two stems clash)
-            stems = collections.Counter(p.stem for p in items)
-            tasks = [_Task(p.stem if stems[p.stem] == 1 else p.name, str(p), size, mode, need_size=True)
-                     for p in items]
+        tasks = [_Task(r.image_id, str(r.path), size, mode, need_size=r.height is None) for r in items]
         if self._executor is not None:
-            yield from self._examples(self._executor, items, tasks, labelled, split)
+            yield from self._examples(self._executor, items, tasks, split)
             return
         pool = _make_executor(self.workers)
         try:
-            yield from self._examples(pool, items, tasks, labelled, split)
+            yield from self._examples(pool, items, tasks, split)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)   # on failure, do not decode what is queued
 
-    def _examples(self, pool, items: list, tasks: list[_Task], labelled: bool, split: str):
-        zeros_c = np.zeros(NUM_CATEGORIES, np.uint8)
-        zeros_a = np.zeros(NUM_ATTRIBUTES, np.uint8)
+    def _examples(self, pool, items: list[kaggle.ImageRecord], tasks: list[_Task], split: str):
         skipped = 0
         with tqdm(total=len(tasks), desc=f"decoding {split}", unit="img", disable=None) as bar:
             results = _ordered_map(pool, _decode_task, tasks, window=self.workers * 16)
@@ -266,13 +315,10 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
                     self.problems.append(problem)
                     skipped += 1
                     continue
-                if labelled:
-                    categories = self.labels.categories_to_multihot(item.categories).astype(np.uint8)
-                    attributes = self.labels.attributes_to_multihot(item.attributes).astype(np.uint8)
-                    height, width = item.height, item.width
-                else:
-                    categories, attributes = zeros_c, zeros_a
-                    height, width = hw
+                # Image-level and test records: no attributes (all zero), size from the image header.
+                categories = self.labels.categories_to_multihot(item.categories).astype(np.uint8)
+                attributes = self.labels.attributes_to_multihot(item.attributes).astype(np.uint8)
+                height, width = (item.height, item.width) if hw is None else hw
                 yield task.image_id, {
                     "image_id": task.image_id, "image": image, "categories": categories,
                     "attributes": attributes, "height": height, "width": width,
@@ -282,6 +328,23 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
 
 
 assert ImaterialistFashion2020.name == BUILDER_NAME, ImaterialistFashion2020.name
+
+
+def _test_records(read: Sequence[kaggle.SourceDataset]) -> list[kaggle.ImageRecord]:
+    """Unlabelled records of the Kaggle sources' test/ folders; id = file stem (the file name if two
+    stems clash)."""
+    paths = [p for ds in read if ds.kind == source_kinds.KAGGLE and (ds.root / "test").is_dir()
+             for p in kaggle.list_images(ds.root / "test")]
+    stems = collections.Counter(p.stem for p in paths)
+    by_id: dict[str, pathlib.Path] = {}
+    for p in paths:
+        image_id = p.stem if stems[p.stem] == 1 else p.name
+        if image_id in by_id:
+            raise DataError(f"{p}: test image {image_id} also in {by_id[image_id]}; rename one "
+                            "(test images of all sources share one split)")
+        by_id[image_id] = p
+    return [kaggle.ImageRecord(image_id=i, path=p, height=None, width=None, masks=(), categories=(),
+                               attributes=()) for i, p in by_id.items()]
 
 
 # ---- prepare: staging, manifest, atomic swap ------------------------------------------------------
@@ -299,10 +362,32 @@ def _stat_signature(path: pathlib.Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _source_signature(root: pathlib.Path) -> dict:
-    """Cheap change detector of the Kaggle folder (sizes and mtimes; a folder's mtime changes when
+_SIGNATURE_FILES = {
+    source_kinds.KAGGLE: ("train.csv", LABELS_NAME, "train", "test"),
+    source_kinds.IMAGE_LEVEL: (source_kinds.IMAGE_LEVEL_CSV, source_kinds.IMAGE_LEVEL_IMAGES),
+}
+
+
+def _source_signature(root: pathlib.Path, kind: str = source_kinds.KAGGLE) -> dict:
+    """Cheap change detector of a source folder (sizes and mtimes; a folder's mtime changes when
     files are added or removed)."""
-    return {name: _stat_signature(root / name) for name in ("train.csv", LABELS_NAME, "train", "test")}
+    return {name: _stat_signature(root / name) for name in _SIGNATURE_FILES[kind]}
+
+
+def _same_request(existing: dict, request: dict) -> bool:
+    """Does an existing manifest describe what `request` asks for? Sources compare by path, kind and
+    signature (the manifest adds their counts)."""
+    def key(entry: dict) -> tuple:
+        return entry.get("path"), entry.get("kind"), entry.get("signature")
+
+    for k, want in request.items():
+        have = existing.get(k)
+        if k == "sources":
+            if not isinstance(have, list) or [key(e) for e in have if isinstance(e, dict)] != [key(e) for e in want]:
+                return False
+        elif have != want:
+            return False
+    return True
 
 
 def read_manifest(data_dir) -> dict | None:
@@ -369,14 +454,15 @@ class _QuietCustomConfig(logging.Filter):
         return "Using custom data configuration" not in record.getMessage()
 
 
-def prepare(root, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode: str = DEFAULT_RESIZE_MODE,
+def prepare(roots, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode: str = DEFAULT_RESIZE_MODE,
             workers: int | None = None, seed: int = 0, val_fraction: float = 0.2,
             strict: bool = False) -> pathlib.Path:
-    """Prepare the Kaggle folder `root` into `out_dir`; returns the dataset folder to train from.
+    """Prepare one source folder, or several merged, into `out_dir`; returns the dataset folder to train from.
 
-    The returned folder is `out_dir/imaterialist_fashion2020/s<size>_<mode>/1.0.0` (a TFDS dataset
-    directory: `tfds.builder_from_directory` and `PreparedSplit.open` take it). Reruns with the same
-    options and an unchanged source are no-ops; other options or a changed source rebuild it.
+    `roots` is a folder or a sequence of folders, each Kaggle-layout or image-level (see
+    `imat.data_tools.sources`). The returned folder is `out_dir/imaterialist_fashion2020/s<size>_<mode>/1.0.0`
+    (a TFDS dataset directory: `tfds.builder_from_directory` and `PreparedSplit.open` take it). Reruns
+    with the same options and unchanged sources are no-ops; other options or a changed source rebuild it.
     """
     config = make_config(image_size, resize_mode)
     if not 0.0 <= float(val_fraction) < 1.0:
@@ -385,28 +471,45 @@ def prepare(root, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode:
         raise ConfigError(f"seed={seed!r}: give a non-negative integer seed for the train/validation split")
     if workers is not None and int(workers) < 1:
         raise ConfigError(f"workers={workers!r}: give a positive number of decode processes")
-    root = pathlib.Path(root).expanduser().resolve()
+    if isinstance(roots, (str, os.PathLike)):
+        roots = [roots]
+    roots = [pathlib.Path(r).expanduser().resolve() for r in roots]
+    if not roots:
+        raise ConfigError("no source folder given; give at least one dataset folder to prepare")
     out_dir = pathlib.Path(out_dir).expanduser().resolve()
-    if not root.is_dir():
-        raise DataError(f"{root}: not a folder; give the Kaggle folder (train.csv, {LABELS_NAME}, train/)")
-    if out_dir == root or out_dir == root / "train" or (root / "train") in out_dir.parents:
-        raise ConfigError(f"out_dir={out_dir}: write the prepared dataset outside the Kaggle image folder")
+    kinds = []
+    for root in roots:
+        if not root.is_dir():
+            raise DataError(f"{root}: not a folder; give a Kaggle folder (train.csv, {LABELS_NAME}, train/) "
+                            f"or an image-level folder ({source_kinds.IMAGE_LEVEL_CSV}, images/)")
+        if roots.count(root) > 1:
+            raise ConfigError(f"{root}: given twice as a source; give each source folder once")
+        kinds.append(source_kinds.detect_kind(root))
+        image_dir = root / ("images" if kinds[-1] == source_kinds.IMAGE_LEVEL else "train")
+        if out_dir == root or out_dir == image_dir or image_dir in out_dir.parents:
+            raise ConfigError(f"out_dir={out_dir}: write the prepared dataset outside the source image folder "
+                              f"{image_dir}")
     target = dataset_dir(out_dir, config.image_size, config.resize_mode)
     request = {
         "format": MANIFEST_FORMAT, "builder": BUILDER_NAME, "version": VERSION, "config": config.name,
         "image_size": config.image_size, "resize_mode": config.resize_mode, "seed": int(seed),
-        "val_fraction": float(val_fraction), "source_root": str(root), "source_signature": _source_signature(root),
+        "val_fraction": float(val_fraction),
+        # Sorted by path: the dataset is a function of the set of sources (the split is by id).
+        "sources": sorted(({"path": str(r), "kind": k, "signature": _source_signature(r, k)}
+                           for r, k in zip(roots, kinds)), key=lambda e: e["path"]),
     }
     _recover(out_dir, target)
     existing = read_manifest(target)
-    if existing is not None and {k: existing.get(k) for k in request} == request:
+    if existing is not None and _same_request(existing, request):
         logger.info("%s is already prepared with these options; nothing to do", target)
         return target
     if existing is not None:
-        changed = sorted(k for k in request if existing.get(k) != request[k])
+        changed = sorted(k for k in request if not _same_request({k: existing.get(k)}, {k: request[k]}))
         logger.warning("%s exists but differs in %s; rebuilding (the old one stays until the new one is done)",
                        target, ", ".join(changed))
-    source = kaggle.read_kaggle(root, strict=strict)   # user errors surface before any writing
+    # User errors surface before any writing.
+    read = [source_kinds.read_source(r, strict=strict) for r in roots]
+    source_kinds.merge_sources(read)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f"{_STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     # The decode pool is started before TFDS starts any writer thread, so forking it is safe.
@@ -419,18 +522,20 @@ def prepare(root, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode:
         try:
             builder = ImaterialistFashion2020(
                 data_dir=str(staging), config=config.name if known else config, file_format="array_record",
-                seed=seed, val_fraction=val_fraction, workers=workers, strict=strict, source=source,
+                seed=seed, val_fraction=val_fraction, workers=workers, strict=strict, sources=read,
                 executor=pool)
         finally:
             logging.getLogger("absl").removeFilter(quiet)
         builder.download_and_prepare(
             download_dir=str(staging / "downloads"),
-            download_config=tfds.download.DownloadConfig(manual_dir=str(root)),
+            download_config=tfds.download.DownloadConfig(manual_dir=str(roots[0])),
         )
         built = pathlib.Path(str(builder.data_dir))
         splits = {name: int(info.num_examples) for name, info in builder.info.splits.items()}
+        counts = {c["path"]: c for c in builder.source_counts}
         manifest = dict(request)
         manifest.update({
+            "sources": [{**entry, **counts.get(entry["path"], {})} for entry in request["sources"]],
             "splits": splits,
             "num_problems": len(builder.problems),
             "problems": [str(p) for p in builder.problems[:1000]],
@@ -438,6 +543,8 @@ def prepare(root, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode:
             "image_format": "raw uint8 (H, W, 3)",
             "decoder": "imat.data_tools.images.decode_image",
         })
+        if len(roots) == 1:   # the single-source manifest's field, kept for readers of older manifests
+            manifest["source_root"] = str(roots[0])
         _write_json(built / LABELS_NAME, builder.labels.to_json_dict())
         _write_json(built / MANIFEST_NAME, manifest)
         _swap_in(built, target)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from imat.cli.main import main
 from imat.data_tools.labels import LabelSpace
+from imat.data_tools.synthetic import write_synthetic
 
 HEADER = "ImageId,EncodedPixels,Height,Width,ClassId,AttributesIds"
 
@@ -67,34 +68,32 @@ def test_data_help_lists_subcommands_without_heavy_imports(cli_in_fresh_process)
 
 
 def test_synth_then_check(tmp_path, capsys):
-    pytest.importorskip("imat.data_tools.synthetic")
     out = tmp_path / "synth"
     assert main(["data", "synth", str(out), "--images", "4", "--seed", "3"]) == 0
     printed = capsys.readouterr().out.strip()
     assert pathlib.Path(printed) == out
     assert main(["data", "check", str(out), "--strict"]) == 0
-    assert "4 images" in capsys.readouterr().out
+    assert "4 images and " in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-    pytest.importorskip("imat.data_tools.synthetic")
-    from imat.data_tools.synthetic import write_synthetic
     return write_synthetic(tmp_path_factory.mktemp("syn") / "ds", num_images=6, seed=1)
 
 
 def test_stats_writes_report(synth_root, tmp_path, capsys):
-    pytest.importorskip("imat.data_tools.eda")
     out = tmp_path / "report"
     assert main(["data", "stats", str(synth_root), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = pathlib.Path(printed.strip().splitlines()[-1].removeprefix("report: "))
     assert report.is_file() and report.parent == out
-    assert "shoe" in printed or "categor" in printed  # the summary text precedes the path
+    # The summary precedes the path, with the counts of stats.json.
+    stats = json.loads((out / "stats.json").read_text())
+    assert printed.startswith(f"dataset: {synth_root}\n  6 labelled images, {stats['mask_rows']} mask rows ")
+    assert "note: image-level" not in printed
 
 
 def test_prepare_prints_data_dir(synth_root, tmp_path, capsys):
-    pytest.importorskip("imat.data_tools.tfds_builder")
     out = tmp_path / "prepared"
     rc = main(["data", "prepare", str(synth_root), "--out", str(out), "--image-size", "32",
                "--resize-mode", "letterbox", "--workers", "1", "--seed", "2", "--val-fraction", "0.5"])
@@ -106,3 +105,69 @@ def test_prepare_prints_data_dir(synth_root, tmp_path, capsys):
     train = PreparedSplit.open(data_dir, "train", cache=False)
     val = PreparedSplit.open(data_dir, "validation", cache=False)
     assert train.image_size == 32 and train.num_examples + val.num_examples == 6 and val.num_examples == 3
+
+
+# ---- image-level folders -------------------------------------------------------------------------------
+
+def make_image_level(root: pathlib.Path, lines: list[str], images) -> pathlib.Path:
+    (root / "images").mkdir(parents=True)
+    (root / "labels.csv").write_text("\n".join(["ImageId,ClassIds", *lines]) + "\n")
+    for name in images:
+        Image.new("RGB", (30, 40), (90, 9, 9)).save(root / "images" / f"{name}.jpg")
+    return root
+
+
+def test_check_image_level_folder(tmp_path, capsys):
+    root = make_image_level(tmp_path / "il", ["p1,0 23", "p2,", "p3,99", "p1,4", "p4,1"], ["p1", "p2", "p3"])
+    assert main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    csv = root / "labels.csv"
+    assert out.splitlines() == [
+        f"{root}: 2 images read (of 4 images, 5 rows in labels.csv); 1 without labels "
+        "(kept out of train/validation, for self-supervision)",
+        "dropped 3 rows; 3 problems by reason:",
+        f"  duplicate ImageId: 1 (first: {csv}:5: duplicate ImageId: p1 is already labelled at line 2; "
+        "give each photo one row)",
+        f"  missing image file: 1 (first: {csv}:6: missing image file: {root / 'images' / 'p4.jpg'} not found; "
+        "row dropped)",
+        f"  unknown ClassId: 1 (first: {csv}:4: unknown ClassId: 99 is not an iMaterialist category id (0..45))",
+    ]
+    assert main(["data", "check", str(root), "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"imat: error: {csv}:4: unknown ClassId") and "Traceback" not in err
+
+
+def test_check_folder_of_neither_kind(tmp_path, capsys):
+    assert main(["data", "check", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"imat: error: {tmp_path}: neither train.csv nor labels.csv found")
+
+
+def test_stats_of_image_level_folder(tmp_path, capsys):
+    root = make_image_level(tmp_path / "il", ["p1,0 23", "p2,", "p3,23"], ["p1", "p2", "p3"])
+    out = tmp_path / "report"
+    assert main(["data", "stats", str(root), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"dataset: {root} (image-level labels: no masks, no attributes)\n"
+                              "  3 images, 1 without labels (3 images / 3 rows in labels.csv; 0 problems)\n")
+    assert "note: image-level source (no masks, no attributes)" in printed
+    assert printed.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    stats = json.loads((out / "stats.json").read_text())
+    by_id = {c["id"]: c["images"] for c in stats["categories"]}
+    assert (by_id[0], by_id[23], by_id[1]) == (1, 2, 0)
+    assert stats["image_sizes"]["width"]["max"] == 30 and stats["image_sizes"]["height"]["min"] == 40
+    written = {p.name for p in out.glob("*.png")}
+    assert written == {"category_frequency.png", "categories_per_image.png", "image_sizes.png", "cooccurrence.png"}
+    assert "No attribute or mask-example plots" in (out / "report.html").read_text()
+
+
+def test_prepare_several_sources(synth_root, tmp_path, capsys):
+    extra = make_image_level(tmp_path / "il", ["p1,0 23", "p2,", "p3,23", "p4,5"], ["p1", "p2", "p3", "p4"])
+    rc = main(["data", "prepare", str(synth_root), str(extra), "--out", str(tmp_path / "out"), "--image-size", "16",
+               "--workers", "1", "--val-fraction", "0.25"])
+    assert rc == 0
+    data_dir = pathlib.Path(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest = json.loads((data_dir / "imat_manifest.json").read_text())
+    assert manifest["splits"] == {"train": 7, "validation": 2, "unlabelled": 1}
+    assert [e["kind"] for e in manifest["sources"]] == sorted(
+        ["kaggle", "image-level"], key=lambda k: str(synth_root if k == "kaggle" else extra.resolve()))

@@ -156,3 +156,34 @@ def test_report_on_real_smoke(real_smoke, tmp_path):
     # Plotted at display size, never at full resolution.
     with Image.open(tmp_path / "examples.png") as im:
         assert max(im.size) < 2500
+
+
+def test_image_level_stats_and_report(tmp_path):
+    from imat.data_tools.sources import read_image_level
+
+    root = tmp_path / "il"
+    (root / "images").mkdir(parents=True)
+    rows = {"a": "0 23", "b": "23", "c": "", "d": "4 23 33"}
+    (root / "labels.csv").write_text("ImageId,ClassIds\n" + "".join(f"{k},{v}\n" for k, v in rows.items()))
+    sizes = {"a": (60, 90), "b": (80, 80), "c": (90, 60), "d": (61, 91)}   # (width, height)
+    for name, size in sizes.items():
+        Image.new("RGB", size, (30, 60, 90)).save(root / "images" / f"{name}.jpg")
+    ds = read_image_level(root, strict=True)
+    stats = eda.compute_stats(ds)
+    _check_stats_against_reader(ds, stats)
+    assert (stats["kind"], stats["has_masks"], stats["unlabelled"], stats["mask_rows"]) == ("image-level", False, 1, 0)
+    assert {c["id"]: c["images"] for c in stats["categories"] if c["images"]} == {0: 1, 4: 1, 23: 3, 33: 1}
+    # Sizes come from the image headers (labels.csv gives none).
+    sz = stats["image_sizes"]
+    assert (sz["known"], sz["portrait"], sz["landscape"], sz["square"]) == (4, 2, 1, 1)
+    assert (sz["width"]["min"], sz["width"]["max"], sz["height"]["max"]) == (60, 90, 91)
+    text = eda.format_summary(stats)
+    assert text.splitlines()[:2] == [f"dataset: {root} (image-level labels: no masks, no attributes)",
+                                     "  4 images, 1 without labels (4 images / 4 rows in labels.csv; 0 problems)"]
+    assert "attributes used" not in text and "mask rows" not in text
+    out = tmp_path / "rep"
+    report = eda.write_report(ds, out)
+    html_text = report.read_text()
+    assert {p.name for p in out.glob("*.png")} == set(PNGS) - set(eda.MASK_PLOTS)
+    assert all(f'src="{name}"' not in html_text for name in eda.MASK_PLOTS)
+    assert "No attribute or mask-example plots: this is an image-level source (labels.csv)" in html_text

@@ -260,3 +260,87 @@ def test_decode_pool_uses_processes_unless_jax_is_loaded():
         assert image is None and "not found" in error   # bad files are reported, never raised
     finally:
         pool.shutdown()
+
+
+# ---- decode workers die with their parent ------------------------------------------------------------
+
+def _children(pid: int) -> set[int]:
+    """Live (non-zombie) processes whose parent is pid, by a scan of /proc."""
+    out = set()
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_gone(pids, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+needs_proc = pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+
+
+@needs_proc
+def test_sigkilled_prepare_leaves_no_worker_alive(tmp_path):
+    root = write_synthetic(tmp_path / "syn", 150, seed=0, min_side=96, max_side=256, large_fraction=0.0)
+    code = "import sys; from imat.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["data", "prepare", str(root), "--out", str(tmp_path / "out"), "--workers", "2", "--image-size", "32"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and len(workers) < 2:
+            workers = _children(proc.pid)
+            time.sleep(0.01)
+        assert len(workers) >= 2, f"the prepare never had its 2 decode workers (exit code {proc.poll()})"
+        proc.kill()
+        proc.wait()
+        survivors = _wait_gone(workers, 5.0)
+        assert survivors == [], f"decode workers {survivors} outlived their SIGKILLed parent {proc.pid}"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in workers:        # never leak a worker, even when the test fails
+            if _alive(pid):
+                os.kill(pid, 9)
+
+
+@needs_proc
+def test_parent_watch_fallback_without_prctl():
+    """Where prctl is unavailable, the worker's watcher thread notices the reparenting and exits."""
+    code = (
+        "import os, sys, time\n"
+        "from imat.data_tools.tfds_builder import _die_with_parent\n"
+        "parent = os.getpid()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    _die_with_parent(parent, use_prctl=False)\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(0.3)\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    child = int(out.stdout.split()[0])
+    try:
+        assert _wait_gone([child], 5.0) == [], "the worker outlived its parent without prctl"
+    finally:
+        if _alive(child):
+            os.kill(child, 9)
