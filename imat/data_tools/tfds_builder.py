@@ -272,7 +272,14 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
         self.source_summary = "\n".join(ds.summary() for ds in read)
         self.source_counts = merged.counts
         by_id = {r.image_id: r for r in merged.labelled}
-        train_ids, val_ids = split_ids(by_id, self.seed, self.val_fraction)
+        # Split each source on its own: a photo is in the same split whether its source is
+        # prepared alone or with others (so a benchmark's held-out photos stay held out).
+        train_ids, val_ids = [], []
+        for ds in read:
+            t, v = split_ids([r.image_id for r in ds.records if r.categories], self.seed, self.val_fraction)
+            train_ids += t
+            val_ids += v
+        train_ids, val_ids = sorted(train_ids), sorted(val_ids)
         splits = {"train": self._generate_examples([by_id[i] for i in train_ids], "train")}
         if val_ids:
             splits["validation"] = self._generate_examples([by_id[i] for i in val_ids], "validation")

@@ -192,10 +192,16 @@ def test_multi_source_prepare(synth_kaggle, image_level, tmp_path):
     extra_ds = sources.read_image_level(image_level)
     labelled = [r for r in kaggle_ds.records + extra_ds.records if r.categories]
     assert len(labelled) == 30
-    train_ids, val_ids = tfds_builder.split_ids([r.image_id for r in labelled], 1, 0.2)
+    # Each source is split on its own, so its held-out photos are the same as when prepared alone.
+    parts = [tfds_builder.split_ids([r.image_id for r in ds.records if r.categories], 1, 0.2)
+             for ds in (kaggle_ds, extra_ds)]
+    train_ids = sorted(parts[0][0] + parts[1][0])
+    val_ids = sorted(parts[0][1] + parts[1][1])
     train, val = PreparedSplit.open(d, "train"), PreparedSplit.open(d, "validation")
     unl = PreparedSplit.open(d, "unlabelled")
-    assert (train.image_ids, val.image_ids) == (train_ids, val_ids) and (len(train), len(val)) == (24, 6)
+    assert (train.image_ids, val.image_ids) == (train_ids, val_ids) and len(train) + len(val) == 30
+    alone = tfds_builder.prepare(synth_kaggle, tmp_path / "alone", image_size=SIZE, workers=1, seed=1)
+    assert set(PreparedSplit.open(alone, "validation").image_ids) <= set(val_ids)
     assert unl.image_ids == ["blank1", "blank2"] and not unl.categories.any() and not unl.attributes.any()
     by_id = {r.image_id: r for r in kaggle_ds.records + extra_ds.records}
     labels = LabelSpace.default()
@@ -210,7 +216,7 @@ def test_multi_source_prepare(synth_kaggle, image_level, tmp_path):
             np.testing.assert_array_equal(images[i], decode_image(rec.path, SIZE))
     assert any(rec.attributes for rec in kaggle_ds.records)   # the Kaggle attributes really travelled
     manifest = json.loads((d / tfds_builder.MANIFEST_NAME).read_text())
-    assert manifest["splits"] == {"train": 24, "validation": 6, "unlabelled": 2}
+    assert manifest["splits"] == {"train": len(train_ids), "validation": len(val_ids), "unlabelled": 2}
     assert "source_root" not in manifest
     got = {e["path"]: (e["kind"], e["images"], e["labelled"], e["unlabelled"], e["problems"])
            for e in manifest["sources"]}
