@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 from typing import Any, Sequence
 
 import numpy as np
 
-from imat.engine.faiss_build import apply_search_params, as_matrix, build_faiss_index, faiss_module, gpu_worthwhile, to_gpu
+from imat.engine.faiss_build import (apply_search_params, as_matrix, build_faiss_index, faiss_module, gpu_worthwhile,
+                                     to_gpu)
 from imat.engine.index_choice import resolve_index_type
 from imat.engine.index_dir import make_sidecar, now, read_index_dir, write_index_dir
 from imat.errors import ConfigError
@@ -30,6 +32,8 @@ class GalleryIndex:
     items: list[dict]
     directory: pathlib.Path | None = None
     _searcher: Any = dataclasses.field(default=None, repr=False)
+    # sha256 of directory/index.json as loaded or last saved: a save there checks nobody replaced it meanwhile
+    _sidecar_sha256: str | None = dataclasses.field(default=None, repr=False)
 
     @property
     def count(self) -> int:
@@ -91,10 +95,15 @@ class GalleryIndex:
         self.meta["updated"] = now()
 
     def save(self, directory) -> pathlib.Path:
+        """Write the index folder (atomically); refuses to overwrite the folder it came from if another
+        process saved it since (it would drop that process's rows)."""
+        directory = pathlib.Path(directory)
+        same = self.directory is not None and os.path.abspath(self.directory) == os.path.abspath(directory)
         self.meta["count"] = self.count
         self.meta["dim"] = self.dim
-        write_index_dir(directory, self.index, self.meta, self.items)
-        self.directory = pathlib.Path(directory)
+        self._sidecar_sha256 = write_index_dir(directory, self.index, self.meta, self.items,
+                                               expect_sidecar_sha256=self._sidecar_sha256 if same else None)
+        self.directory = directory
         return self.directory
 
 
@@ -114,5 +123,6 @@ def build_gallery_index(vectors: np.ndarray, items: Sequence[dict], index_type: 
 
 def load_index(directory) -> GalleryIndex:
     """Read an index folder (imat.engine.index_dir validates it) into a GalleryIndex."""
-    index, meta, items = read_index_dir(directory)
-    return GalleryIndex(index=index, meta=meta, items=items, directory=pathlib.Path(directory))
+    index, meta, items, sidecar_sha256 = read_index_dir(directory)
+    return GalleryIndex(index=index, meta=meta, items=items, directory=pathlib.Path(directory),
+                        _sidecar_sha256=sidecar_sha256)

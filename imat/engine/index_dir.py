@@ -109,10 +109,15 @@ def _write_synced(path: pathlib.Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_index_dir(directory, index, meta: dict, items: Sequence[dict]) -> pathlib.Path:
+def write_index_dir(directory, index, meta: dict, items: Sequence[dict], *,
+                    expect_sidecar_sha256: str | None = None) -> str:
     """Write the three files into a temp folder beside `directory`, then swap it in (under its lock).
 
     Records the checksums of index.faiss and items.jsonl in `meta["files"]` (the dict is updated).
+    `expect_sidecar_sha256`: the sha256 of the index.json this index was loaded from; when the
+    folder now holds another one (a concurrent `imat index --add` saved in between), nothing is
+    written and IndexFileError says so, instead of silently dropping the other writer's rows.
+    Returns the sha256 of the index.json written (what the next save of the same index expects).
     """
     faiss = faiss_module()
     directory = pathlib.Path(directory)
@@ -126,17 +131,31 @@ def write_index_dir(directory, index, meta: dict, items: Sequence[dict]) -> path
             # Never replace a folder that is not an index: it may hold the user's images.
             raise IndexFileError(
                 f"{directory}: folder exists, is not empty and is not an imat index; choose another --out")
+        if expect_sidecar_sha256 is not None:
+            current = _sha256_or_none(directory / SIDECAR_FILE)
+            if current != expect_sidecar_sha256:
+                raise IndexFileError(
+                    f"{directory}: changed on disk since this index was loaded (another imat process wrote it); "
+                    "nothing was written: load it again and repeat the change")
         faiss.write_index(index, str(tmp / INDEX_FILE))
         _fsync_file(tmp / INDEX_FILE)
         items_bytes = b"".join((json.dumps(item, ensure_ascii=False) + "\n").encode("utf-8") for item in items)
         _write_synced(tmp / ITEMS_FILE, items_bytes)
         meta["files"] = {INDEX_FILE: _file_record(tmp / INDEX_FILE),
                          ITEMS_FILE: {"sha256": hashlib.sha256(items_bytes).hexdigest(), "bytes": len(items_bytes)}}
-        _write_synced(tmp / SIDECAR_FILE, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        sidecar_bytes = (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        _write_synced(tmp / SIDECAR_FILE, sidecar_bytes)
         for name in (INDEX_FILE, ITEMS_FILE, SIDECAR_FILE):
             os.chmod(tmp / name, 0o644)
     logger.info("wrote index %s (%d rows, %s)", directory, index.ntotal, meta.get("index_type"))
-    return directory
+    return hashlib.sha256(sidecar_bytes).hexdigest()
+
+
+def _sha256_or_none(path: pathlib.Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def _fsync_file(path: pathlib.Path) -> None:
@@ -250,8 +269,11 @@ def _parse_items(data: bytes, path: pathlib.Path) -> list[dict]:
     return items
 
 
-def read_index_dir(directory) -> tuple[object, dict, list[dict]]:
-    """(FAISS index, sidecar, items) of an index folder; IndexFileError names the folder/file and what is wrong."""
+def read_index_dir(directory) -> tuple[object, dict, list[dict], str]:
+    """(FAISS index, sidecar, items, sha256 of index.json) of an index folder.
+
+    IndexFileError names the folder/file (and field, line) and what is wrong.
+    """
     faiss = faiss_module()
     directory = pathlib.Path(directory)
     repair_dir(directory, error=IndexFileError)
@@ -264,7 +286,8 @@ def read_index_dir(directory) -> tuple[object, dict, list[dict]]:
             raise IndexFileError(f"{directory / name}: missing; the folder is not a complete imat index, rebuild it")
     sidecar = directory / SIDECAR_FILE
     try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        sidecar_bytes = sidecar.read_bytes()
+        meta = json.loads(sidecar_bytes.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise IndexFileError(f"{sidecar}: unreadable sidecar ({e}); rebuild the index") from None
     meta = validate_sidecar(meta, sidecar)
@@ -295,4 +318,4 @@ def read_index_dir(directory) -> tuple[object, dict, list[dict]]:
         # After the checks above, which name the field or line a hand edit broke; this catches the rest.
         _verify_file(directory / ITEMS_FILE, files.get(ITEMS_FILE), sidecar, items_bytes)
     apply_search_params(index, meta.get("search_params") or {})
-    return index, meta, items
+    return index, meta, items, hashlib.sha256(sidecar_bytes).hexdigest()

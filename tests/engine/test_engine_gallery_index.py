@@ -9,7 +9,7 @@ import pytest
 
 from imat.engine import gallery_index as gi
 from imat.engine import index_dir
-from imat.errors import ConfigError
+from imat.errors import ConfigError, IndexFileError
 
 from index_vectors import brute_force, clustered, small_gallery
 
@@ -71,3 +71,20 @@ def test_save_load_add_round_trip(tmp_path):
     np.testing.assert_array_equal(ids[:, 0], np.arange(30, 35))  # new row ids continue
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "idx"]
     assert leftovers == []
+
+
+def test_two_adders_do_not_lose_each_others_rows(tmp_path):
+    g, _ = small_gallery(10)
+    g.save(tmp_path / "idx")
+    first, second = gi.load_index(tmp_path / "idx"), gi.load_index(tmp_path / "idx")
+    first.add(clustered(2, 16, 5), [{"id": "a1"}, {"id": "a2"}])
+    first.save(tmp_path / "idx")
+    second.add(clustered(3, 16, 6), [{"id": "b1"}, {"id": "b2"}, {"id": "b3"}])
+    with pytest.raises(IndexFileError, match=r"idx: changed on disk since this index was loaded"):
+        second.save(tmp_path / "idx")
+    assert gi.load_index(tmp_path / "idx").count == 12  # the first adder's rows are kept
+    first.add(clustered(1, 16, 7), [{"id": "a3"}])
+    first.save(tmp_path / "idx")  # a writer's own earlier save is not a conflict
+    assert gi.load_index(tmp_path / "idx").count == 13
+    second.save(tmp_path / "copy")  # saving elsewhere is not checked
+    assert [it["id"] for it in gi.load_index(tmp_path / "copy").items[10:]] == ["b1", "b2", "b3"]
