@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from imat import __version__
 from imat.engine.faiss_build import apply_search_params, create_index, faiss_module
-from imat.engine.index_choice import default_search_params
+from imat.engine.index_choice import default_search_params, ivf_nlist_of
 from imat.errors import ConfigError, IndexFileError
 from imat.fileio import atomic_dir, repair_dir
 
@@ -115,7 +115,7 @@ def write_index_dir(directory, index, meta: dict, items: Sequence[dict], *,
 
     Records the checksums of index.faiss and items.jsonl in `meta["files"]` (the dict is updated).
     `expect_sidecar_sha256`: the sha256 of the index.json this index was loaded from; when the
-    folder now holds another one (a concurrent `imat index --add` saved in between), nothing is
+    folder now holds another one (a concurrent Engine.add_to_index saved in between), nothing is
     written and IndexFileError says so, instead of silently dropping the other writer's rows.
     Returns the sha256 of the index.json written (what the next save of the same index expects).
     """
@@ -217,12 +217,32 @@ def validate_sidecar(meta: Any, path: pathlib.Path) -> dict:
         if not isinstance(record, dict) or not isinstance(record.get("sha256"), str) \
                 or not _SHA256.fullmatch(record["sha256"]) or not _is_int(record.get("bytes")):
             raise bad(f"files.{name}", f"is {record!r}, expected {{\"sha256\": 64 hex digits, \"bytes\": integer}}")
+    oversized = _oversized_part(meta["index_type"], meta["count"])
+    if oversized:
+        raise bad("index_type", f"is {meta['index_type']!r}: {oversized}")
     try:
         create_index(meta["dim"], meta["index_type"])  # an empty index: cheap, and FAISS is the judge
     except ConfigError:
         raise bad("index_type", f"is {meta['index_type']!r}, not a FAISS index type for dimension {meta['dim']}") \
             from None
     return meta
+
+
+def _oversized_part(index_type: str, count: int) -> str | None:
+    """Why an index type could not have been built by imat for `count` rows (sizes FAISS would allocate
+    up front when creating it empty: inverted lists, PQ codebooks), or None."""
+    if len(index_type) > 200:
+        return "longer than any index type imat builds"
+    nlist = ivf_nlist_of(index_type)
+    if nlist is not None and nlist > max(1, count):
+        return f"{nlist} inverted lists for {count} rows (building needs at least one row per list)"
+    for bits in re.findall(r"PQ\d+x(\d+)", index_type):
+        if int(bits) > 16:
+            return f"{bits}-bit PQ codes (imat builds 4 or 8)"
+    for m in re.findall(r"HNSW(\d+)", index_type):
+        if int(m) > 1024:
+            return f"HNSW with {m} links per node"
+    return None
 
 
 def _verify_file(path: pathlib.Path, record: dict | None, sidecar: pathlib.Path, data: bytes | None = None) -> None:

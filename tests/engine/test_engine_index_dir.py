@@ -129,6 +129,9 @@ def test_load_errors_name_the_folder_or_file(tmp_path):
     ("search_params", "fast", r"field 'search_params' is a string"),
     ("index_type", "Bogus7", r"field 'index_type' is 'Bogus7', not a FAISS index type"),
     ("index_type", 5, r"field 'index_type' is an integer"),
+    # types FAISS would allocate huge empty structures for: refused before FAISS sees them
+    ("index_type", "IVF999999999999,Flat", r"field 'index_type' is 'IVF999999999999,Flat': 999999999999 inverted"),
+    ("index_type", "IVF1,PQ4x30", r"field 'index_type' is 'IVF1,PQ4x30': 30-bit PQ codes"),
     ("count", "30", r"field 'count' is '30', expected a non-negative integer"),
     ("dim", 16.0, r"field 'dim' is 16.0, expected a positive integer"),
     ("dim", True, r"field 'dim' is True"),
