@@ -19,7 +19,7 @@ other leftover (tmp, new or old beside an existing T) is deleted. Each repair is
 Two writers of the same T: the second gets `error` (an ImatError chosen by the caller)
 at once, naming the holder's pid; it does not wait, because two writers of one output are
 a mistake (waiting would let the later one silently replace the earlier one's result).
-Readers take no lock; `repair_dir` waits a few seconds only when T is missing mid-swap.
+Readers lock only to repair leftovers (`repair_dir`), and wait a few seconds only when T is missing mid-swap.
 A writer that dies releases the lock with its process (flock), so a stale lock file
 never blocks anyone.
 """
