@@ -58,7 +58,7 @@ def check_onnxruntime(model, args) -> dict:
 def check_faiss(args) -> dict:
     import faiss
 
-    from imat.engine.index import build_faiss_index
+    from imat.engine.faiss_build import build_faiss_index
 
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     print(f"[faiss] {faiss.__version__}, GPUs visible: {ngpu}")

@@ -3,7 +3,7 @@
     python benchmarks/search.py [--n 100000] [--dim 128] [--queries 1000] [--k 10] [--seed 0]
 
 Clustered synthetic unit vectors (like embeddings: fashion photos group by garment). Every
-index is built by imat.engine.index exactly as `imat index` builds it (same search parameters),
+index is built by imat.engine.faiss_build exactly as `imat index` builds it (same search parameters),
 and compared with an exact float32 numpy scan (matrix product + argpartition) measured in the
 same process. Recall columns:
 
@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 
-from imat.engine import index as ix
+from imat.engine import index_choice as ix
+from imat.engine.faiss_build import build_faiss_index
 
 
 def clustered(n: int, dim: int, seed: int, *, clusters: int = 1000, spread: float = 0.35) -> np.ndarray:
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
     rows = [("numpy brute force", 0.0, numpy_qps, 1.0, 1.0, args.n * args.dim * 4)]
     for t in types:
         t0 = time.perf_counter()
-        index = ix.build_faiss_index(x, t, seed=args.seed)
+        index = build_faiss_index(x, t, seed=args.seed)
         build_s = time.perf_counter() - t0
         index.search(q[:64], args.k)  # warm-up
         t0 = time.perf_counter()

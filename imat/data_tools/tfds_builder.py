@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tqdm.auto import tqdm
 
-from imat.fileio import atomic_write_text
+from imat.fileio import atomic_write_text, dir_lock, recover_dir, remove_stale_dirs, repair_dir, swap_in_dir
 from imat.constants import DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE_MODE, NUM_ATTRIBUTES, NUM_CATEGORIES, RESIZE_MODES
 from imat.data_tools import kaggle, sources as source_kinds
 from imat.data_tools.images import decode_image, read_image_size
@@ -58,7 +58,7 @@ MANIFEST_NAME = "imat_manifest.json"
 LABELS_NAME = "label_descriptions.json"
 MANIFEST_FORMAT = 1
 _STAGING_PREFIX = ".imat-staging-"
-_OLD_PREFIX = ".imat-old-"
+_OLD_PREFIX = ".imat-old-"     # where imat before the shared folder swap moved a dataset aside
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download the Kaggle competition "iMaterialist (Fashion) 2020 at FGVC7"
@@ -412,45 +412,19 @@ def _write_json(path: pathlib.Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _recover(out_dir: pathlib.Path, target: pathlib.Path) -> None:
-    """Remove staging folders of dead prepares; put back a dataset moved aside by a swap that was killed."""
-    if out_dir.is_dir():
-        for p in out_dir.iterdir():
-            if p.name.startswith(_STAGING_PREFIX):
-                pid = p.name[len(_STAGING_PREFIX):].split("-", 1)[0]
-                if pid.isdigit() and not _pid_alive(int(pid)):
-                    logger.info("removing %s, left by an interrupted prepare", p)
-                    shutil.rmtree(p, ignore_errors=True)
-    parent = target.parent
-    if parent.is_dir():
-        olds = sorted(p for p in parent.iterdir() if p.name.startswith(_OLD_PREFIX + target.name))
-        for old in olds:
-            if not target.exists():
-                logger.warning("restoring %s from %s (an earlier swap was interrupted)", target, old)
-                os.rename(old, target)
-            else:
-                shutil.rmtree(old, ignore_errors=True)
+    """Remove staging folders of dead prepares; repair a swap of `target` that was killed (imat.fileio)."""
+    remove_stale_dirs(out_dir, _STAGING_PREFIX)
+    repair_dir(target, error=DataError, legacy_old_prefixes=(f"{_OLD_PREFIX}{target.name}-",))
 
 
 def _swap_in(built: pathlib.Path, target: pathlib.Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        old = target.with_name(f"{_OLD_PREFIX}{target.name}-{os.getpid()}-{secrets.token_hex(3)}")
-        os.rename(target, old)          # readers holding open files keep them (POSIX)
-        os.rename(built, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(built, target)
+    """Swap the finished dataset in under the lock of `target` (imat.fileio): of two concurrent
+    prepares with the same options, the second to swap fails with a DataError naming the other's
+    pid instead of colliding."""
+    with dir_lock(target, error=DataError, option="--out"):
+        recover_dir(target, legacy_old_prefixes=(f"{_OLD_PREFIX}{target.name}-",))
+        swap_in_dir(built, target)
 
 
 class _QuietCustomConfig(logging.Filter):

@@ -6,7 +6,8 @@ serving needs only onnxruntime, faiss, numpy and pillow.
 
 from imat.engine.embedder import EmbedError, EmbedResult, EmbedTimings
 from imat.engine.engine import Engine
-from imat.engine.index import GalleryIndex, choose_index_type, load_index
+from imat.engine.gallery_index import GalleryIndex, load_index
+from imat.engine.index_choice import choose_index_type
 from imat.engine.session import ModelMetadata, ModelSession
 
 __all__ = [

@@ -13,10 +13,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from imat.engine import index as index_mod
 from imat.engine.embedder import EmbedError, EmbedResult, default_decode_threads, embed_items, item_label
 from imat.engine.evaluate import evaluate_embeddings
-from imat.engine.index import GalleryIndex
+from imat.engine.gallery_index import GalleryIndex, build_gallery_index, load_index
 from imat.engine.search import search_records
 from imat.engine.session import ModelSession
 from imat.errors import ConfigError, DataError, IndexFileError
@@ -139,15 +138,11 @@ class Engine:
             first = result.errors[0] if result.errors else None
             raise DataError(f"none of the {len(items)} images could be read (first: {first}); nothing to index")
         records = self._item_records(items, result.ok_indices, ids, labels)
-        if index_type == "auto":
-            index_type = index_mod.choose_index_type(
-                result.embeddings.shape[0], result.embeddings.shape[1], memory_budget_bytes
-            )
-            logger.info("index type auto -> %s", index_type)
-        gallery = index_mod.build_gallery_index(
+        gallery = build_gallery_index(
             result.embeddings,
             records,
             index_type,
+            memory_budget_bytes=memory_budget_bytes,
             model_fingerprint=self.metadata.fingerprint,
             model_architecture=self.metadata.architecture,
             extra_meta={
@@ -163,7 +158,7 @@ class Engine:
 
     def load_index(self, directory) -> GalleryIndex:
         """Load an index and check it was built by this engine's model."""
-        gallery = index_mod.load_index(directory)
+        gallery = load_index(directory)
         meta = gallery.meta
         if meta["model_fingerprint"] != self.metadata.fingerprint:
             raise IndexFileError(
