@@ -219,12 +219,12 @@ class Engine:
         )
 
     def evaluate(self, kaggle_root, k: int = 10, *, baseline_samples: int = 5, seed: int = 0) -> dict:
-        """Leave-one-out retrieval and label metrics on a labelled Kaggle-layout folder."""
-        from imat.data_tools.kaggle import read_kaggle
+        """Leave-one-out retrieval and label metrics on a labelled folder (Kaggle layout or image-level)."""
+        from imat.data_tools.sources import read_source
 
         if k < 1:
             raise ConfigError(f"--k must be >= 1, got {k}")
-        ds = read_kaggle(kaggle_root)
+        ds = read_source(kaggle_root)
         if len(ds.records) < 2:
             raise DataError(f"{kaggle_root}: need at least 2 labelled images to evaluate, found {len(ds.records)}")
         paths = [rec.path for rec in ds.records]
