@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imat.data_tools.images import image_extensions
 from imat.data_tools.labels import LabelSpace
 from imat.errors import DataError
 
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ("ImageId", "EncodedPixels", "Height", "Width", "ClassId", "AttributesIds")
 REQUIRED_COLUMNS = COLUMNS[:5]  # AttributesIds may be absent (then every row has none)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = image_extensions()  # what the installed Pillow opens (imat.data_tools.images)
 MAX_LOGGED_PROBLEMS = 20
 
 # EncodedPixels of a large mask can exceed the csv module's default field limit (131072 chars).
