@@ -43,10 +43,10 @@ def _note_folder_skips(found) -> int:
     return len(found.skipped) + len(found.not_files)
 
 
-def _check_output_file(path: pathlib.Path | None, option: str) -> None:
+def _check_output_file(path: pathlib.Path | None, option: str, example: str) -> None:
     """Before any work: an output file option must not name a folder (it would fail only at the end)."""
     if path is not None and path.is_dir():
-        raise ConfigError(f"{option} {path} is a directory; give a file path such as {path / 'results'}")
+        raise ConfigError(f"{option} {path} is a directory; give a file path such as {path / example}")
 
 
 def _summarise_errors(errors, what: str) -> None:
@@ -118,13 +118,14 @@ def index(model, images, out, index_type, memory_budget_mb, resize_mode, batch_s
 def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, threads):
     """Search an index with one or more images, or a folder of queries (--batch)."""
     from imat.data_tools.images import is_image_name
+    from imat.engine.records import jsonl_text
     from imat.engine.report import write_html_report
     from imat.fileio import atomic_write_text
 
     if bool(batch_dir) == bool(queries):
         raise ConfigError("give either --batch QUERY_DIR or one or more QUERY_IMAGE paths (not both, not neither)")
-    _check_output_file(out, "--out")
-    _check_output_file(html_out, "--html")
+    _check_output_file(out, "--out", "results.jsonl")
+    _check_output_file(html_out, "--html", "report.html")
     if batch_dir:
         from imat.engine.gallery import plain_folder_items
 
@@ -144,7 +145,7 @@ def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, t
     engine = _engine(model, batch_size, threads)
     gallery = engine.load_index(index_dir)  # fingerprint check before any embedding work
     records = engine.search(items, k=k, index=gallery)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(out, jsonl_text(records))
     if html_out:
         write_html_report(records, html_out, title=f"imat search: {index_dir}")
     errors = [r for r in records if "error" in r]
@@ -189,7 +190,7 @@ def evaluate(model, images, k, json_out, batch_size, threads):
     """Leave-one-out retrieval evaluation on a labelled folder."""
     from imat.fileio import atomic_write_text
 
-    _check_output_file(json_out, "--json")
+    _check_output_file(json_out, "--json", "metrics.json")
     if not (images / "train.csv").is_file():
         raise DataError(f"{images}: not a Kaggle-layout folder (no train.csv); evaluation needs labels")
     engine = _engine(model, batch_size, threads)

@@ -10,16 +10,17 @@ UTF-8 cannot carry. So a record stores, for a path field ``path`` (or ``query``)
 
 Readers use ``path_of(record)``, which prefers the lossless bytes, so such files are found
 again; records without the extra field (every index written before) read as before. The
-record dicts are built JSON-safe here, so whatever serialises them (``json.dumps`` in the
-index folder writer, the search CLI) never meets a surrogate.
+engine builds its item and result records with ``path_fields``, so they are JSON-safe;
+``jsonl_text`` is the one JSON Lines serialiser for them (UTF-8, one object a line).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 BYTES_SUFFIX = "_bytes_b64"
 
@@ -62,3 +63,20 @@ def path_of(record: Mapping[str, Any], key: str = "path") -> str | None:
             pass  # a hand-edited field: fall back to the readable name
     value = record.get(key)
     return value if isinstance(value, str) else None
+
+
+def jsonl_text(records: Iterable[Mapping]) -> str:
+    """Records as JSON Lines text (non-ASCII kept readable), safe to write as strict UTF-8.
+
+    A lone surrogate left in some other field (a label read from a non-UTF-8 source) is written
+    as a `\\udcXX` JSON escape for that line instead of failing the whole file.
+    """
+    lines = []
+    for record in records:
+        line = json.dumps(record, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            line = json.dumps(record, ensure_ascii=True)
+        lines.append(line + "\n")
+    return "".join(lines)

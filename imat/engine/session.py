@@ -3,8 +3,9 @@
 The model file carries everything the engine needs (image size, resize mode,
 embedding dim, category names, weight fingerprint) in its `metadata_props`, so
 serving never needs the training code. This module opens the file, validates
-its metadata and checks it against the graph's shapes (both in `imat.contract`), chooses the execution provider (CUDA when
-onnxruntime offers it, else CPU) and runs batches of uint8 images.
+its metadata and checks it against the graph's shapes (both rules live in
+`imat.contract`), chooses the execution provider (CUDA when onnxruntime offers
+it, else CPU) and runs batches of uint8 images.
 """
 
 from __future__ import annotations
