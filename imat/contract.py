@@ -181,10 +181,10 @@ def metadata_props(
         "category_names": json.dumps([str(n) for n in category_names]),
         "fingerprint": str(fingerprint),
         "outputs": json.dumps([str(o) for o in outputs]),
-        "input": INPUT_DESCRIPTION,
     }
     if embedding_source is not None:
         props["embedding_source"] = str(embedding_source)
+    props["input"] = INPUT_DESCRIPTION
     if model_config is not None:
         props["model_config"] = json.dumps(dict(model_config), sort_keys=True)
     for key, value in (extra or {}).items():

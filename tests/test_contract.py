@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from imat import contract
+from imat import __version__, contract
 from imat.contract import TensorSpec, check_graph, metadata_props, parse_metadata
 from imat.errors import ConfigError, ModelError
 
@@ -115,3 +115,23 @@ def test_graph_check_names_the_key_and_both_values(graph, message):
     meta = parse_metadata(_props(), "f.onnx")
     with pytest.raises(ModelError, match=message):
         check_graph(meta, *_graph(**graph))
+
+
+def test_writer_output_equals_what_the_exporter_wrote_before_the_contract():
+    # Frozen: the metadata_props of a model exported before imat/contract.py existed (same order too).
+    before = [
+        ("imat_version", __version__), ("architecture", "resnet_tiny"), ("objective", "bce"),
+        ("image_size", "32"), ("resize_mode", "stretch"), ("embedding_dim", "24"),
+        ("category_names", '["shirt, blouse", "shoe"]'), ("fingerprint", "ab" * 32),
+        ("outputs", '["embedding", "probabilities"]'), ("embedding_source", "embedding_head"),
+        ("input", "images: uint8 [batch, height, width, 3] RGB, normalisation inside the graph"),
+        ("model_config", '{"arch": "resnet_tiny", "embedding_dim": 24}'), ("source_run", "r"), ("checkpoint_step", "3"),
+    ]
+    props = metadata_props(
+        architecture="resnet_tiny", objective="bce", image_size=32, resize_mode="stretch", embedding_dim=24,
+        category_names=["shirt, blouse", "shoe"], fingerprint="ab" * 32, outputs=["embedding", "probabilities"],
+        embedding_source="embedding_head", model_config={"embedding_dim": 24, "arch": "resnet_tiny"},
+        extra={"source_run": "r", "checkpoint_step": "3"},
+    )
+    assert list(props.items()) == before
+    assert parse_metadata(dict(before), "old.onnx").embedding_dim == 24

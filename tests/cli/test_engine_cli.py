@@ -201,9 +201,10 @@ def test_batch_folder_counts_entries_that_are_not_image_files(setup, capsys, tmp
     avif = features.check("avif")
     if avif:  # a format outside the old fixed extension list that this Pillow opens
         Image.new("RGB", (40, 30), (200, 10, 10)).save(q / "photo.avif")
-    assert main(["index", "--model", str(setup["model"]), "--images", str(setup["photos"]),
-                 "--out", str(tmp_path / "idx")]) == 0
-    capsys.readouterr()
+    assert main(["index", "--model", str(setup["model"]), "--images", str(q), "--out", str(tmp_path / "idx")]) == 0
+    captured = capsys.readouterr()
+    assert f"indexed {2 + avif} images" in captured.out
+    assert "skipped 4 entries that are not image files" in captured.err
     out = tmp_path / "r.jsonl"
     rc = main(["search", "--model", str(setup["model"]), "--index", str(tmp_path / "idx"), "--batch", str(q),
                "--k", "1", "--out", str(out)])
