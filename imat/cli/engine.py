@@ -12,6 +12,7 @@ import pathlib
 
 import click
 
+from imat.constants import RESIZE_MODES
 from imat.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -23,16 +24,29 @@ def _quiet_faiss() -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
-def _engine(model: pathlib.Path, batch_size: int, threads: int | None):
+def _engine(model: pathlib.Path, batch_size: int, threads: int | None, resize_mode: str | None = None):
     from imat.engine import Engine
 
     _quiet_faiss()
-    return Engine(model, batch_size=batch_size, decode_threads=threads)
+    return Engine(model, batch_size=batch_size, decode_threads=threads, resize_mode=resize_mode)
 
 
-def _note_skipped(skipped: list[str], what: str) -> None:
+def _note_skipped(skipped: list[str], what: str, show: int = 3) -> None:
     if skipped:
-        click.echo(f"note: skipped {len(skipped)} {what} (e.g. {', '.join(skipped[:3])})", err=True)
+        click.echo(f"note: skipped {len(skipped)} {what} (e.g. {', '.join(skipped[:show])})", err=True)
+
+
+def _note_folder_skips(found) -> int:
+    """Say what a folder scan left out (non-image files; image names that are not files); returns the count."""
+    _note_skipped(found.skipped, "non-image files")
+    _note_skipped(found.not_files, "entries that are not image files", show=5)
+    return len(found.skipped) + len(found.not_files)
+
+
+def _check_output_file(path: pathlib.Path | None, option: str, example: str) -> None:
+    """Before any work: an output file option must not name a folder (it would fail only at the end)."""
+    if path is not None and path.is_dir():
+        raise ConfigError(f"{option} {path} is a directory; give a file path such as {path / example}")
 
 
 def _summarise_errors(errors, what: str) -> None:
@@ -61,21 +75,23 @@ common_threads = click.option(
 @click.option("--index-type", default="auto", show_default=True,
               help="FAISS factory string (Flat, HNSW32,Flat, IVF1024,PQ32, ...) or auto.")
 @click.option("--memory-budget-mb", type=float, default=None, help="Memory budget for auto index choice.")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+              help="Assert the resize mode (default: the model's own, from its metadata); another mode is refused.")
 @common_batch
 @common_threads
-def index(model, images, out, index_type, memory_budget_mb, batch_size, threads):
+def index(model, images, out, index_type, memory_budget_mb, resize_mode, batch_size, threads):
     """Embed a folder of images and build a FAISS index."""
     from imat.engine.gallery import folder_items
 
+    engine = _engine(model, batch_size, threads, resize_mode)  # a model/resize-mode mismatch fails first
     found = folder_items(images)
     if found.problems:
         click.echo(found.problems, err=True)
-    _note_skipped(found.skipped, "non-image files")
+    _note_folder_skips(found)
     if found.labelled:
         click.echo(f"{images}: Kaggle folder, {len(found.items)} labelled images", err=True)
     items, ids, labels = found.items, found.ids, found.labels
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
-    engine = _engine(model, batch_size, threads)
     gallery = engine.build_index(items, out, index_type=index_type, labels=labels, ids=ids,
                                  memory_budget_bytes=budget)
     result = engine.last_result
@@ -101,29 +117,35 @@ def index(model, images, out, index_type, memory_budget_mb, batch_size, threads)
 @common_threads
 def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, threads):
     """Search an index with one or more images, or a folder of queries (--batch)."""
-    from imat.data_tools.kaggle import IMAGE_EXTENSIONS
+    from imat.data_tools.images import is_image_name
+    from imat.engine.records import jsonl_text
     from imat.engine.report import write_html_report
     from imat.fileio import atomic_write_text
 
     if bool(batch_dir) == bool(queries):
         raise ConfigError("give either --batch QUERY_DIR or one or more QUERY_IMAGE paths (not both, not neither)")
+    _check_output_file(out, "--out", "results.jsonl")
+    _check_output_file(html_out, "--html", "report.html")
     if batch_dir:
         from imat.engine.gallery import plain_folder_items
 
         found = plain_folder_items(batch_dir)
-        items, skipped = found.items, found.skipped
+        items = found.items
+        skipped_count = _note_folder_skips(found)
     else:
-        items = [q for q in queries if q.suffix.lower() in IMAGE_EXTENSIONS]
-        skipped = [str(q) for q in queries if q.suffix.lower() not in IMAGE_EXTENSIONS]
+        # A named query that is not a regular file (a FIFO, a folder) becomes an error record.
+        items = [q for q in queries if is_image_name(q.name)]
+        skipped = [str(q) for q in queries if not is_image_name(q.name)]
         if not items:
             raise DataError(f"none of the given queries is an image file: {', '.join(skipped[:3])}")
-    _note_skipped(skipped, "non-image files")
+        _note_skipped(skipped, "non-image files")
+        skipped_count = len(skipped)
     if k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
     engine = _engine(model, batch_size, threads)
     gallery = engine.load_index(index_dir)  # fingerprint check before any embedding work
     records = engine.search(items, k=k, index=gallery)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(out, jsonl_text(records))
     if html_out:
         write_html_report(records, html_out, title=f"imat search: {index_dir}")
     errors = [r for r in records if "error" in r]
@@ -131,7 +153,9 @@ def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, t
         click.echo(f"error: {r['query']}: {r['error']}", err=True)
     click.echo(
         f"searched {len(records) - len(errors)} of {len(records)} queries against {gallery.count} items "
-        f"(k={min(k, gallery.count)}); {len(errors)} errors; results in {out}"
+        f"(k={min(k, gallery.count)}); {len(errors)} errors"
+        + (f"; {skipped_count} entries skipped" if skipped_count else "")
+        + f"; results in {out}"
         + (f", report in {html_out}" if html_out else "")
     )
 
@@ -166,6 +190,7 @@ def evaluate(model, images, k, json_out, batch_size, threads):
     """Leave-one-out retrieval evaluation on a labelled folder."""
     from imat.fileio import atomic_write_text
 
+    _check_output_file(json_out, "--json", "metrics.json")
     if not (images / "train.csv").is_file():
         raise DataError(f"{images}: not a Kaggle-layout folder (no train.csv); evaluation needs labels")
     engine = _engine(model, batch_size, threads)

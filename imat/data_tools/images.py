@@ -12,6 +12,8 @@ decode -> (JPEG) DCT-domain downscale with Image.draft -> EXIF orientation -> RG
 - Alpha (RGBA, LA, palette with transparency) is composited on WHITE: transparent product cut-outs
   are meant to be seen on a white page. Letterbox padding is BLACK (zeros).
 - 16-bit greyscale is scaled to 8 bits (value / 257), not clipped.
+- Only regular files are opened: a FIFO, socket or device (even named `x.jpg`) is an ImageDecodeError,
+  never a read that blocks forever.
 - Truncated files raise: ImageFile.LOAD_TRUNCATED_IMAGES is left False (never changed here).
 - Decompression bombs: the header size is checked against `max_pixels` before any pixel is decoded.
   PIL's own guard (Image.MAX_IMAGE_PIXELS, a process-global we do not touch) still applies too: above
@@ -25,11 +27,13 @@ Thread-safe: no shared mutable state; PIL releases the GIL while decoding and re
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
 import os
 import pathlib
+import stat
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
@@ -148,12 +152,84 @@ def _opener(source):
     if isinstance(source, (str, os.PathLike)):
         path = pathlib.Path(source)
         try:
-            if path.is_file() and path.stat().st_size == 0:
-                raise ImageDecodeError(path, "empty file (0 bytes)")
+            info = path.stat()
         except OSError:
-            pass  # reported by open() below with a precise reason
-        return str(path), lambda: open(path, "rb")
+            info = None  # reported by open() below with a precise reason
+        if info is not None:
+            _check_regular(info, path)
+            if info.st_size == 0:
+                raise ImageDecodeError(path, "empty file (0 bytes)")
+        return str(path), lambda: _open_regular(path)
     raise TypeError(f"decode_image source must be a path, bytes or numpy array, not {type(source).__name__}")
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file that is not a regular file is ("folder", "FIFO", "socket", ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _check_regular(info: os.stat_result, path) -> None:
+    kind = file_kind(info.st_mode)
+    if kind == "folder":
+        raise ImageDecodeError(path, "is a folder, not an image file")
+    if kind is not None:
+        # Opening a FIFO blocks until a writer comes; a device may be endless or have side effects.
+        raise ImageDecodeError(path, f"not a regular file ({kind}); only image files are read")
+
+
+def _open_regular(path: pathlib.Path):
+    """open(path, "rb"), refusing anything but a regular file without ever blocking on it.
+
+    The stat in `_opener` keeps devices from being opened at all; O_NONBLOCK + fstat here closes
+    the window where the name is replaced by a FIFO between that stat and this open.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _check_regular(os.fstat(fd), path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def image_extensions() -> tuple[str, ...]:
+    """File extensions (lower case, with the dot) of the formats the installed Pillow can open.
+
+    Asked from Pillow (`registered_extensions` filtered to formats with an open plugin), so a
+    Pillow built with AVIF, JPEG 2000, ... lets those files in; identify-only formats (stub
+    plugins: HDF5, GRIB, BUFR, WMF; and MPEG video) and save-only formats (PDF) are left out.
+    """
+    return _image_extensions()
+
+
+_IDENTIFY_ONLY = {"MPEG"}  # Pillow reads its header but has no decoder for it
+
+
+@functools.lru_cache(maxsize=1)
+def _image_extensions() -> tuple[str, ...]:
+    from PIL import ImageFile
+
+    openable = set()
+    for ext, fmt in Image.registered_extensions().items():
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        if factory is None or fmt in _IDENTIFY_ONLY or (
+                isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)):
+            continue
+        openable.add(ext.lower())
+    return tuple(sorted(openable))
+
+
+def is_image_name(name) -> bool:
+    """Does the name end in an extension of a format Pillow can open (case-insensitive)?"""
+    return os.path.splitext(os.fspath(name))[1].lower() in _image_extensions()
 
 
 def _check_pixels(im: Image.Image, max_pixels: int, name: str) -> None:

@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from imat.data_tools.images import read_image_size
+from imat.data_tools.images import image_extensions, read_image_size
 from imat.data_tools.labels import LabelSpace
 from imat.errors import DataError, ImageDecodeError
 
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ("ImageId", "EncodedPixels", "Height", "Width", "ClassId", "AttributesIds")
 REQUIRED_COLUMNS = COLUMNS[:5]  # AttributesIds may be absent (then every row has none)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = image_extensions()  # what the installed Pillow opens (imat.data_tools.images)
 MAX_LOGGED_PROBLEMS = 20
 
 # EncodedPixels of a large mask can exceed the csv module's default field limit (131072 chars).

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from imat.engine.records import display_name
 from imat.errors import ImatError
 
 logger = logging.getLogger(__name__)
@@ -72,9 +73,9 @@ class EmbedResult:
 
 
 def item_label(item: Any, index: int) -> str:
-    """How an item is named in errors and results: its path, or `<array #i>`."""
+    """How an item is named in errors and logs: its path (readable, see records.display_name), or `<array #i>`."""
     if isinstance(item, (str, os.PathLike)):
-        return str(item)
+        return display_name(str(item))
     return f"<array #{index}>"
 
 

@@ -17,17 +17,33 @@ from imat.engine.embedder import EmbedError, EmbedResult, default_decode_threads
 from imat.engine.evaluate import evaluate_embeddings
 from imat.engine.gallery_index import GalleryIndex, build_gallery_index, load_index
 from imat.engine.search import search_records
+from imat.engine.records import display_name, path_fields
 from imat.engine.session import ModelSession
+from imat.constants import RESIZE_MODES
 from imat.errors import ConfigError, DataError, IndexFileError
 
 logger = logging.getLogger(__name__)
 
 
 def default_item_id(item: Any, row: int) -> str:
-    """Path items are named by their file stem, arrays by their row."""
+    """Path items are named by their file stem (bytes that are not UTF-8 as `\\xNN`), arrays by their row."""
     if isinstance(item, (str, os.PathLike)):
-        return pathlib.Path(item).stem
+        return display_name(pathlib.Path(item).stem)
     return f"item-{row}"
+
+
+def check_resize_mode(requested: str | None, metadata) -> None:
+    """An explicit resize mode must be the model's own (None = use the model's): other pixels, other embeddings."""
+    if requested is None:
+        return
+    if requested not in RESIZE_MODES:
+        raise ConfigError(f"resize mode {requested!r} is not one of {', '.join(RESIZE_MODES)}")
+    if requested != metadata.resize_mode:
+        raise ConfigError(
+            f"resize mode {requested!r} differs from the model's resize_mode {metadata.resize_mode!r} "
+            f"({metadata.path}): the model was trained on {metadata.resize_mode} images; leave the resize mode "
+            f"out (the model's is used) or use a model exported with {requested}"
+        )
 
 
 class Engine:
@@ -46,7 +62,9 @@ class Engine:
         batch_size: int = 64,
         intra_op_threads: int | None = None,
         progress: bool | None = None,
+        resize_mode: str | None = None,
     ):
+        """`resize_mode`: None uses the model's (its metadata); any other mode than the model's is refused."""
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
         self.decode_threads = decode_threads or default_decode_threads()
@@ -57,6 +75,7 @@ class Engine:
         )
         self.model_path = pathlib.Path(model_path)
         self.metadata = self.session.metadata
+        check_resize_mode(resize_mode, self.metadata)
         self.provider = self.session.provider
         self.last_result: EmbedResult | None = None
 
@@ -95,7 +114,7 @@ class Engine:
         for row, i in enumerate(ok_indices):
             i = int(i)
             rec: dict = {"id": str(ids[i]) if ids is not None else default_item_id(items[i], i)}
-            rec["path"] = str(items[i]) if isinstance(items[i], (str, os.PathLike)) else None
+            rec.update(path_fields(items[i]) if isinstance(items[i], (str, os.PathLike)) else {"path": None})
             if labels is not None:
                 rec["categories"] = self._category_names(labels[i], where=rec["id"])
             records.append(rec)
@@ -127,8 +146,13 @@ class Engine:
         ids: Sequence[str] | None = None,
         *,
         memory_budget_bytes: int | None = None,
+        resize_mode: str | None = None,
     ) -> GalleryIndex:
-        """Embed `items`, build the index and write it (atomically) to `out_dir`. Bad items are skipped."""
+        """Embed `items`, build the index and write it (atomically) to `out_dir`. Bad items are skipped.
+
+        `resize_mode`: None uses the model's; another mode than the model's is refused (ConfigError).
+        """
+        check_resize_mode(resize_mode, self.metadata)
         items = list(items)
         if not items:
             raise DataError(f"no images to index for {out_dir}")

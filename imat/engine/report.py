@@ -2,7 +2,8 @@
 
 Thumbnails (~128 px, JPEG quality 70, base64-embedded) are made with the same
 decoder as everything else (letterbox mode), so the file opens anywhere without
-the images beside it; at ~4-6 KB per thumbnail a 100-query x 10 report stays a
+the images beside it (files are found by `records.path_of`, lossless for names that are
+not UTF-8; captions show the readable names); at ~4-6 KB per thumbnail a 100-query x 10 report stays a
 few MB. Every piece of text is HTML-escaped; the file is written atomically.
 """
 
@@ -15,6 +16,7 @@ import logging
 import pathlib
 from typing import Sequence
 
+from imat.engine.records import path_of
 from imat.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ def render_html(records: Sequence[dict], *, title: str = "imat search results", 
         f"<h1>{esc(title)}</h1><p>{len(records)} queries</p>",
     ]
     for n, rec in enumerate(records, 1):
-        query = str(rec.get("query", ""))
+        query = str(rec.get("query", ""))  # the readable name; path_of gives the file itself
         parts.append(f'<div class="q"><h3>#{n}: {esc(query)}</h3>')
         if rec.get("error"):
             parts.append(f'<p class="err">error: {esc(str(rec["error"]))}</p></div>')
@@ -84,10 +86,10 @@ def render_html(records: Sequence[dict], *, title: str = "imat search results", 
         if labels:
             parts.append(f'<div class="labels">predicted: {labels}</div>')
         parts.append('<div class="row"><div class="query">')
-        q_uri = thumbnail_data_uri(query, cache=cache) if thumbs else None
+        q_uri = thumbnail_data_uri(path_of(rec, "query"), cache=cache) if thumbs else None
         parts.append(_figure(q_uri, "query") + "</div>")
         for r in rec.get("results", []):
-            uri = thumbnail_data_uri(r.get("path"), cache=cache) if thumbs else None
+            uri = thumbnail_data_uri(path_of(r), cache=cache) if thumbs else None
             caption = f"#{int(r['rank'])} {esc(str(r['id']))}<br>score {float(r['score']):.3f}"
             parts.append(_figure(uri, caption))
         parts.append("</div></div>")

@@ -2,10 +2,13 @@
 
 Record (the contract):
 
-    {"query": path_or_id,
-     "results": [{"rank": 1.., "id", "path", "score"}],
+    {"query": path_or_id, "query_bytes_b64"?,
+     "results": [{"rank": 1.., "id", "path", "path_bytes_b64"?, "score"}],
      "predicted_categories": [{"name", "score", "source": "neighbours" | "model"}],
      "error"?: "why this query could not be searched"}
+
+A file name that is not valid UTF-8 is written readably with a lossless `*_bytes_b64` field
+beside it (`imat.engine.records`); read a path back with `records.path_of(record, key)`.
 
 Predicted categories: the similarity-weighted vote of the neighbours' category
 sets (`evaluate.neighbour_votes`, in [0,1]) when the index is labelled, plus the
@@ -17,10 +20,12 @@ decision threshold used by evaluation is 0.5.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from imat.engine.records import BYTES_SUFFIX, path_fields
 from imat.engine.evaluate import neighbour_votes
 from imat.engine.index import GalleryIndex
 
@@ -86,7 +91,7 @@ def search_records(
             {
                 "rank": rank + 1,
                 "id": index.items[int(i)]["id"],
-                "path": index.items[int(i)].get("path"),
+                **_item_path(index.items[int(i)]),
                 "score": round(float(s), 6),
             }
             for rank, (i, s) in enumerate(zip(ids[row], scores[row]))
@@ -97,10 +102,10 @@ def search_records(
             predicted += _predictions(votes[row], names, "neighbours", min_score)
         if probabilities is not None:
             predicted += _predictions(probabilities[row], list(category_names), "model", min_score)
-        records[q] = {"query": query_name(queries[q], q), "results": results, "predicted_categories": predicted}
+        records[q] = {**query_fields(queries[q], q), "results": results, "predicted_categories": predicted}
     for err in errors:
         records[err.index] = {
-            "query": query_name(queries[err.index], err.index),
+            **query_fields(queries[err.index], err.index),
             "results": [],
             "predicted_categories": [],
             "error": err.message,
@@ -111,7 +116,16 @@ def search_records(
     return records  # type: ignore[return-value]
 
 
-def query_name(query: Any, index: int) -> str:
-    if isinstance(query, np.ndarray):
-        return f"query-{index}"
-    return str(query)
+def query_fields(query: Any, index: int) -> dict[str, str]:
+    """{"query": its path (readable), "query_bytes_b64"?: exact bytes} or {"query": "query-<i>"} for an array."""
+    if isinstance(query, (str, bytes, os.PathLike)):
+        return path_fields(query, "query")
+    return {"query": f"query-{index}"}
+
+
+def _item_path(item: dict) -> dict:
+    """An index item's path fields as stored (readable `path`, plus the exact bytes when it has them)."""
+    fields = {"path": item.get("path")}
+    if "path" + BYTES_SUFFIX in item:
+        fields["path" + BYTES_SUFFIX] = item["path" + BYTES_SUFFIX]
+    return fields

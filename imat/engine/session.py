@@ -3,14 +3,13 @@
 The model file carries everything the engine needs (image size, resize mode,
 embedding dim, category names, weight fingerprint) in its `metadata_props`, so
 serving never needs the training code. This module opens the file, validates
-that it is an imat model, chooses the execution provider (CUDA when
-onnxruntime offers it, else CPU) and runs batches of uint8 images.
+its metadata and checks it against the graph's shapes (both rules live in
+`imat.contract`), chooses the execution provider (CUDA when onnxruntime offers
+it, else CPU) and runs batches of uint8 images.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -18,105 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from imat.constants import RESIZE_MODES
+from imat.contract import INPUT_NAME, PROBABILITIES_OUTPUT, TensorSpec, check_graph, parse_metadata
+from imat.contract import ModelMetadata  # noqa: F401  (re-exported: imat.engine.ModelMetadata)
 from imat.errors import ModelError
 
 logger = logging.getLogger(__name__)
-
-INPUT_NAME = "images"
-EMBEDDING_OUTPUT = "embedding"
-PROBABILITIES_OUTPUT = "probabilities"
-REQUIRED_METADATA = (
-    "imat_version",
-    "architecture",
-    "objective",
-    "image_size",
-    "resize_mode",
-    "embedding_dim",
-    "category_names",
-    "fingerprint",
-    "outputs",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelMetadata:
-    """The validated `metadata_props` of an imat model.onnx."""
-
-    path: str
-    imat_version: str
-    architecture: str
-    objective: str
-    image_size: int
-    resize_mode: str
-    embedding_dim: int
-    category_names: tuple[str, ...]
-    fingerprint: str
-    outputs: tuple[str, ...]
-    extra: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def has_probabilities(self) -> bool:
-        return PROBABILITIES_OUTPUT in self.outputs
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["category_names"] = list(self.category_names)
-        d["outputs"] = list(self.outputs)
-        return d
-
-
-def parse_metadata(props: dict[str, str], path: str) -> ModelMetadata:
-    """Validate the raw metadata_props of `path`; ModelError names the file and the key at fault."""
-    missing = [k for k in REQUIRED_METADATA if k not in props]
-    if missing:
-        raise ModelError(
-            f"{path}: not an imat model (metadata keys missing: {', '.join(missing)}); "
-            "export it with `imat export`"
-        )
-
-    def _int(key: str) -> int:
-        try:
-            value = int(props[key])
-        except ValueError:
-            raise ModelError(f"{path}: metadata '{key}' must be an integer, got {props[key]!r}") from None
-        if value <= 0:
-            raise ModelError(f"{path}: metadata '{key}' must be positive, got {value}")
-        return value
-
-    def _json_list(key: str) -> tuple[str, ...]:
-        try:
-            value = json.loads(props[key])
-        except json.JSONDecodeError:
-            raise ModelError(f"{path}: metadata '{key}' is not valid JSON: {props[key][:60]!r}") from None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ModelError(f"{path}: metadata '{key}' must be a JSON list of strings")
-        return tuple(value)
-
-    resize_mode = props["resize_mode"]
-    if resize_mode not in RESIZE_MODES:
-        raise ModelError(f"{path}: metadata 'resize_mode' is {resize_mode!r}, expected one of {RESIZE_MODES}")
-    outputs = _json_list("outputs")
-    if EMBEDDING_OUTPUT not in outputs:
-        raise ModelError(f"{path}: metadata 'outputs' {list(outputs)} lacks '{EMBEDDING_OUTPUT}'")
-    fingerprint = props["fingerprint"].strip()
-    if not fingerprint:
-        raise ModelError(f"{path}: metadata 'fingerprint' is empty; re-export the model")
-    extra = {k: v for k, v in props.items() if k not in REQUIRED_METADATA}
-    return ModelMetadata(
-        path=path,
-        imat_version=props["imat_version"],
-        architecture=props["architecture"],
-        objective=props["objective"],
-        image_size=_int("image_size"),
-        resize_mode=resize_mode,
-        embedding_dim=_int("embedding_dim"),
-        category_names=_json_list("category_names"),
-        fingerprint=fingerprint,
-        outputs=outputs,
-        extra=extra,
-    )
-
 
 def choose_providers(requested: Sequence[str] | None = None) -> tuple[list[str], str]:
     """Pick execution providers: (providers in priority order, why).
@@ -210,19 +115,13 @@ class ModelSession:
         self._use_io_binding = self.provider == "CUDAExecutionProvider"
 
     def _check_signature(self) -> None:
-        inputs = self._session.get_inputs()
-        path = self.path
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-            raise ModelError(f"{path}: expected one input named '{INPUT_NAME}', got {[i.name for i in inputs]}")
-        if inputs[0].type != "tensor(uint8)" or len(inputs[0].shape) != 4:
-            raise ModelError(
-                f"{path}: input '{INPUT_NAME}' must be uint8 [batch,H,W,3], got {inputs[0].type} {inputs[0].shape}"
-            )
-        self._output_names = [o.name for o in self._session.get_outputs()]
-        if EMBEDDING_OUTPUT not in self._output_names:
-            raise ModelError(f"{path}: model has no '{EMBEDDING_OUTPUT}' output (outputs: {self._output_names})")
-        if self.metadata.has_probabilities and PROBABILITIES_OUTPUT not in self._output_names:
-            raise ModelError(f"{path}: metadata lists '{PROBABILITIES_OUTPUT}' but the graph has no such output")
+        """Metadata vs graph (names, dtypes, static shapes): a mismatch fails here, not at the first search."""
+        def spec(arg) -> TensorSpec:
+            return TensorSpec(arg.name, arg.type, tuple(arg.shape))
+
+        outputs = self._session.get_outputs()
+        check_graph(self.metadata, [spec(i) for i in self._session.get_inputs()], [spec(o) for o in outputs])
+        self._output_names = [o.name for o in outputs]
 
     @property
     def has_probabilities(self) -> bool:

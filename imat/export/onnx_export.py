@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from imat import __version__
+from imat import __version__, contract
 from imat.constants import RESIZE_MODES
 from imat.errors import ConfigError, ModelError
 from imat.fileio import atomic_path
@@ -41,12 +41,6 @@ from imat.train_jax.objectives import get_objective
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEYS = (
-    "imat_version", "architecture", "objective", "image_size", "resize_mode", "embedding_dim",
-    "category_names", "fingerprint", "outputs", "embedding_source",
-)
-_INT_KEYS = ("image_size", "embedding_dim", "num_classes")
-_JSON_KEYS = ("category_names", "outputs")
 PROTOBUF_LIMIT = 2**31 - 1
 NUM_RANDOM_IMAGES = 6
 
@@ -133,25 +127,12 @@ def export_onnx_report(
         g.add_output(tensors.logits, "logits")
         outputs.append("logits")
     fingerprint = g.fingerprint()
-    metadata = {
-        "imat_version": __version__,
-        "architecture": str(getattr(model, "arch", type(model).__name__)),
-        "objective": objective,
-        "image_size": str(image_size),
-        "resize_mode": resize_mode,
-        "embedding_dim": str(embedding_dim),
-        "category_names": json.dumps(category_names),
-        "fingerprint": fingerprint,
-        "outputs": json.dumps(outputs),
-        "embedding_source": embedding_source,
-        "input": "images: uint8 [batch, height, width, 3] RGB, normalisation inside the graph",
-    }
-    if hasattr(model, "config"):
-        metadata["model_config"] = json.dumps(model.config, sort_keys=True)
-    for key, value in (extra_metadata or {}).items():
-        if key in metadata:
-            raise ConfigError(f"extra_metadata key {key!r} is reserved by the exporter; rename it")
-        metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    metadata = contract.metadata_props(
+        architecture=str(getattr(model, "arch", type(model).__name__)), objective=objective, image_size=image_size,
+        resize_mode=resize_mode, embedding_dim=embedding_dim, category_names=category_names, fingerprint=fingerprint,
+        outputs=outputs, embedding_source=embedding_source, model_config=getattr(model, "config", None),
+        extra=extra_metadata,
+    )
     proto = g.build(f"imat_{metadata['architecture']}", metadata)
     proto.producer_version = __version__
     proto.doc_string = (
@@ -270,8 +251,8 @@ def check_parity_jax(path, model, embedding_source: str, outputs: Sequence[str],
                                tolerance=tolerance, display_path=display_path)
 
 
-def read_metadata(path) -> dict:
-    """metadata_props of model.onnx as a dict; ints and JSON lists decoded, the rest strings."""
+def read_metadata(path) -> contract.ModelMetadata:
+    """The validated metadata of a model.onnx file (`imat.contract.parse_metadata`)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such ONNX model file")
@@ -279,16 +260,7 @@ def read_metadata(path) -> dict:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises its own DecodeError family
         raise ModelError(f"{path}: not a readable ONNX model ({e})") from e
-    meta: dict = {p.key: p.value for p in proto.metadata_props}
-    missing = [k for k in METADATA_KEYS if k not in meta]
-    if missing:
-        raise ModelError(f"{path}: not an imat model (metadata {missing} missing); export it with `imat export`")
-    for key in _INT_KEYS:
-        if key in meta:
-            meta[key] = int(meta[key])
-    for key in _JSON_KEYS:
-        meta[key] = json.loads(meta[key])
-    return meta
+    return contract.parse_metadata({p.key: p.value for p in proto.metadata_props}, path)
 
 
 # ---- runs --------------------------------------------------------------------------------

@@ -137,3 +137,83 @@ def test_bad_index_type_is_one_line(setup, capsys, tmp_path):
     assert main(["index", "--model", str(setup["model"]), "--images", str(setup["photos"]),
                  "--out", str(tmp_path / "idx"), "--index-type", "IVF4096,Flat"]) == 1
     assert "needs at least 4096 vectors" in one_error_line(capsys)
+
+
+def test_index_resize_mode_must_match_the_model(setup, capsys, tmp_path):
+    assert main(["index", "--model", str(setup["model"]), "--images", str(setup["photos"]),
+                 "--out", str(tmp_path / "idx"), "--resize-mode", "letterbox"]) == 1
+    line = one_error_line(capsys)
+    assert "resize mode 'letterbox' differs from the model's resize_mode 'stretch'" in line
+    assert "model.onnx" in line and not (tmp_path / "idx").exists()
+    assert main(["index", "--model", str(setup["model"]), "--images", str(setup["photos"]),
+                 "--out", str(tmp_path / "idx"), "--resize-mode", "stretch"]) == 0
+
+
+@pytest.mark.parametrize("option", ["--out", "--html"])
+def test_search_output_that_is_a_directory_is_one_line(setup, capsys, tmp_path, option):
+    (tmp_path / "adir").mkdir()
+    outputs = {"--out": str(tmp_path / "r.jsonl"), "--html": str(tmp_path / "r.html")}
+    outputs[option] = str(tmp_path / "adir")
+    # The index does not exist: the output check comes first, before any work.
+    assert main(["search", "--model", str(setup["model"]), "--index", str(tmp_path / "noidx"),
+                 str(setup["photos"] / "img_000.jpg"), "--out", outputs["--out"], "--html", outputs["--html"]]) == 1
+    line = one_error_line(capsys)
+    assert f"{option} {tmp_path / 'adir'} is a directory" in line
+
+
+def test_eval_json_that_is_a_directory_is_one_line(setup, capsys, tmp_path):
+    (tmp_path / "adir").mkdir()
+    assert main(["eval", "--model", str(setup["model"]), "--images", str(setup["photos"]),
+                 "--json", str(tmp_path / "adir")]) == 1
+    assert "--json" in one_error_line(capsys)
+
+
+def test_non_utf8_file_names_index_and_search(setup, capsys, tmp_path):
+    import os
+
+    folder = tmp_path / "latin"
+    write_photos(folder, 3)
+    latin = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")
+    os.rename(os.path.join(os.fsencode(folder), b"img_001.jpg"), latin)
+    assert main(["index", "--model", str(setup["model"]), "--images", str(folder), "--out", str(tmp_path / "idx")]) == 0
+    out = tmp_path / "r.jsonl"
+    rc = main(["search", "--model", str(setup["model"]), "--index", str(tmp_path / "idx"), "--batch", str(folder),
+               "--k", "1", "--out", str(out), "--html", str(tmp_path / "r.html")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    records = [json.loads(x) for x in out.read_bytes().decode("utf-8").splitlines()]
+    (rec,) = [r for r in records if "query_bytes_b64" in r]
+    assert rec["query"].endswith("caf\\xe9.jpg") and rec["results"][0]["id"] == "caf\\xe9"
+    assert "error" not in rec and "path_bytes_b64" in rec["results"][0]
+
+
+def test_batch_folder_counts_entries_that_are_not_image_files(setup, capsys, tmp_path):
+    import os
+
+    from PIL import Image, features
+
+    q = tmp_path / "q"
+    write_photos(q, 2)
+    os.symlink(q / "gone.jpg", q / "dangling.jpg")
+    os.symlink(q / "loop.jpg", q / "loop.jpg")
+    (q / "folder.jpg").mkdir()
+    os.mkfifo(q / "pipe.jpg")
+    avif = features.check("avif")
+    if avif:  # a format outside the old fixed extension list that this Pillow opens
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(q / "photo.avif")
+    assert main(["index", "--model", str(setup["model"]), "--images", str(q), "--out", str(tmp_path / "idx")]) == 0
+    captured = capsys.readouterr()
+    assert f"indexed {2 + avif} images" in captured.out
+    assert "skipped 4 entries that are not image files" in captured.err
+    out = tmp_path / "r.jsonl"
+    rc = main(["search", "--model", str(setup["model"]), "--index", str(tmp_path / "idx"), "--batch", str(q),
+               "--k", "1", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(records) == 2 + avif and not any("error" in r for r in records)
+    assert "skipped 4 entries that are not image files" in captured.err
+    for name, why in (("dangling.jpg", "dangling symlink"), ("loop.jpg", "symlink loop"),
+                      ("folder.jpg", "a folder"), ("pipe.jpg", "FIFO")):
+        assert f"{name} ({why}" in captured.err, captured.err
+    assert "4 entries skipped" in captured.out

@@ -33,8 +33,8 @@ def test_export_command(run_dir, tmp_path, capsys):
     assert "probabilities" not in printed  # triplet: embedding only
     assert "export time:" in printed and "file size:" in printed
     meta = read_metadata(out)
-    assert meta["objective"] == "triplet" and meta["checkpoint_step"] == "1"
-    assert meta["fingerprint"] in printed
+    assert meta.objective == "triplet" and meta.extra["checkpoint_step"] == "1"
+    assert meta.fingerprint in printed
 
 
 def test_export_command_default_out_is_in_the_run(run_dir, capsys):

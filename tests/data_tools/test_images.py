@@ -276,3 +276,51 @@ def test_real_photos_match_full_decode(real_smoke):
             full = np.asarray(im.convert("RGB").resize((128, 128), Image.Resampling.BILINEAR, reducing_gap=3.0))
         diff = np.abs(decode_image(p, 128).astype(float) - full).mean()
         assert diff < 1.5, f"{p.name}: {diff:.2f}"
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    import os
+    import socket
+    import threading
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    box: dict = {}
+
+    def decode():
+        try:
+            decode_image(fifo, 8)
+        except ImageDecodeError as e:
+            box["error"] = e
+
+    worker = threading.Thread(target=decode, daemon=True)
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():  # unblock the reader so the test process can exit, then fail
+        os.close(os.open(fifo, os.O_WRONLY))
+        pytest.fail("decoding a FIFO hung")
+    assert box["error"].path == str(fifo) and "not a regular file (FIFO" in box["error"].reason
+    with pytest.raises(ImageDecodeError, match="null: not a regular file \\(character device"):
+        read_image_size("/dev/null")
+    sock_path = tmp_path / "s.png"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        with pytest.raises(ImageDecodeError, match="not a regular file \\(socket"):
+            decode_image(sock_path, 8)
+    with pytest.raises(ImageDecodeError, match="is a folder"):
+        decode_image(tmp_path, 8)
+
+
+def test_image_extensions_are_what_pillow_opens():
+    from imat.data_tools.images import image_extensions
+
+    exts = image_extensions()
+    assert {".jpg", ".jpeg", ".png", ".webp", ".tif", ".bmp", ".gif"} <= set(exts)
+    registered = Image.registered_extensions()
+    assert all(registered[e] in Image.OPEN for e in exts)  # only formats Pillow can open
+    assert ".pdf" not in exts  # Pillow writes PDF but cannot read it
+    assert ".h5" not in exts  # a stub plugin: no decoder without an external handler
+    from PIL import features
+
+    if features.check("avif"):
+        assert ".avif" in exts

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from imat.engine.session import ModelSession, choose_providers, default_intra_op_threads, parse_metadata
+from imat.engine.session import ModelSession, choose_providers, default_intra_op_threads
 from imat.errors import ModelError
 
 
@@ -40,25 +40,39 @@ def test_model_without_imat_metadata_is_refused(tmp_path, make_model):
         ModelSession(path)
 
 
+def _edit_metadata(path, **change):
+    """Rewrite metadata_props of a real model.onnx (as a hand-edited or tampered file would be)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update(change)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, str(path))
+    return path
+
+
 @pytest.mark.parametrize(
-    "key,value,message",
+    "change,message",
     [
-        ("image_size", "big", "'image_size' must be an integer"),
-        ("resize_mode", "squash", "'resize_mode' is 'squash'"),
-        ("category_names", "[1, 2", "'category_names' is not valid JSON"),
-        ("outputs", '["probabilities"]', "lacks 'embedding'"),
+        ({"image_size": "64"}, r"m.onnx: metadata 'image_size' is 64 but the graph input 'images' has height 32"),
+        ({"embedding_dim": "8"}, r"m.onnx: metadata 'embedding_dim' gives 8 but the graph output 'embedding' has "
+                                 r"last dimension 16"),
+        ({"category_names": json.dumps(["a", "b"])},
+         r"m.onnx: metadata 'category_names' gives 2 names but the graph output 'probabilities' has last dimension 46"),
     ],
 )
-def test_bad_metadata_values(key, value, message):
-    props = {
-        "imat_version": "0", "architecture": "a", "objective": "bce", "image_size": "32",
-        "resize_mode": "stretch", "embedding_dim": "16", "category_names": json.dumps(["x"]),
-        "fingerprint": "ab", "outputs": json.dumps(["embedding"]),
-    }
-    assert parse_metadata(dict(props), "f.onnx").image_size == 32
-    props[key] = value
+def test_metadata_disagreeing_with_the_graph_is_refused_on_open(tmp_path, make_model, change, message):
+    path = _edit_metadata(make_model(tmp_path / "m.onnx"), **change)
     with pytest.raises(ModelError, match=message):
-        parse_metadata(props, "f.onnx")
+        ModelSession(path)
+
+
+def test_bad_metadata_value_in_a_real_file_names_file_and_key(tmp_path, make_model):
+    path = _edit_metadata(make_model(tmp_path / "m.onnx"), resize_mode="squash")
+    with pytest.raises(ModelError, match=r"m.onnx: metadata 'resize_mode' is 'squash'"):
+        ModelSession(path)
 
 
 def test_metadata_listing_probabilities_needs_the_output(tmp_path, make_model):

@@ -13,8 +13,8 @@ import pytest
 
 from imat.errors import ConfigError, ModelError
 from imat.export import graph as graph_mod
+from imat import contract
 from imat.export.onnx_export import (
-    METADATA_KEYS,
     export_onnx,
     export_onnx_report,
     jax_reference,
@@ -68,13 +68,13 @@ def test_export_each_objective_and_embedding_source(tmp_path, make_model, catego
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
 
     meta = read_metadata(out)
-    assert set(METADATA_KEYS) <= set(meta)
-    assert meta["architecture"] == "resnet_tiny" and meta["objective"] == objective
-    assert meta["image_size"] == SIZE and meta["resize_mode"] == "stretch"
-    assert meta["embedding_dim"] == dim and meta["embedding_source"] == source
-    assert meta["outputs"] == outputs and meta["category_names"] == category_names
-    assert meta["fingerprint"] == report.fingerprint and len(meta["fingerprint"]) == 64
-    assert meta["run"] == "r1" and json.loads(meta["steps"]) == 7
+    assert set(contract.REQUIRED_KEYS) | {"embedding_source"} <= {p.key for p in proto.metadata_props}
+    assert meta.architecture == "resnet_tiny" and meta.objective == objective
+    assert meta.image_size == SIZE and meta.resize_mode == "stretch"
+    assert meta.embedding_dim == dim and meta.embedding_source == source
+    assert list(meta.outputs) == outputs and list(meta.category_names) == category_names
+    assert meta.fingerprint == report.fingerprint and len(meta.fingerprint) == 64
+    assert meta.extra["run"] == "r1" and json.loads(meta.extra["steps"]) == 7
     # Independent of read_metadata: the raw strings the engine reads.
     raw = {p.key: p.value for p in proto.metadata_props}
     assert all(isinstance(v, str) for v in raw.values()) and raw["image_size"] == str(SIZE)

@@ -23,17 +23,17 @@ def test_export_run_latest_and_given_step(tmp_path, bce_run):
     run_dir, models = bce_run
     out = export_run(run_dir, tmp_path / "latest.onnx")
     meta = read_metadata(out)
-    assert meta["architecture"] == "resnet_tiny" and meta["objective"] == "bce"
-    assert meta["image_size"] == 32 and meta["embedding_dim"] == 16
-    assert meta["outputs"] == ["embedding", "probabilities"]
-    assert meta["category_names"][0] == "shirt, blouse" and len(meta["category_names"]) == 46
-    assert meta["checkpoint_step"] == "5"
+    assert meta.architecture == "resnet_tiny" and meta.objective == "bce"
+    assert meta.image_size == 32 and meta.embedding_dim == 16
+    assert meta.outputs == ("embedding", "probabilities")
+    assert meta.category_names[0] == "shirt, blouse" and len(meta.category_names) == 46
+    assert meta.extra["checkpoint_step"] == "5"
     # The restored weights are exactly the ones saved at that step.
-    assert meta["fingerprint"] == _fingerprint(models[5], tmp_path)
+    assert meta.fingerprint == _fingerprint(models[5], tmp_path)
 
     report = export_run_report(run_dir, tmp_path / "step2.onnx", step=2)
-    assert read_metadata(report.path)["checkpoint_step"] == "2"
-    assert report.fingerprint == _fingerprint(models[2], tmp_path) != meta["fingerprint"]
+    assert read_metadata(report.path).extra["checkpoint_step"] == "2"
+    assert report.fingerprint == _fingerprint(models[2], tmp_path) != meta.fingerprint
     assert report.parity.max_relative < 1e-5
 
 
@@ -42,8 +42,8 @@ def test_export_run_rotation(tmp_path):
     make_run(run_dir, objective="rotation", steps=(1,))
     out = export_run(run_dir, tmp_path / "m.onnx")
     meta = read_metadata(out)
-    assert meta["outputs"] == ["embedding"] and meta["embedding_source"] == "pooled"
-    assert meta["embedding_dim"] == 64
+    assert meta.outputs == ("embedding",) and meta.embedding_source == "pooled"
+    assert meta.embedding_dim == 64
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (emb,) = sess.run(["embedding"], {"images": random_images(3, 32)})
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
@@ -79,4 +79,4 @@ def test_export_a_trained_run_end_to_end(tmp_path):
     assert report.parity.num_images == 8 + 6  # 8 prepared validation images + 6 random
     assert report.parity.max_relative < 1e-5, report.parity.describe()
     meta = read_metadata(report.path)
-    assert meta["checkpoint_step"] == "3" and meta["embedding_dim"] == 32 and meta["objective"] == "bce"
+    assert meta.extra["checkpoint_step"] == "3" and meta.embedding_dim == 32 and meta.objective == "bce"
