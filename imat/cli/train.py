@@ -56,6 +56,9 @@ _OBJECTIVES_HELP = "; ".join(f"{n}: {get_objective(n).help}" for n in objective_
 @click.option("--margin", type=float, default=_D.margin, show_default=True, help="Triplet margin (on squared distances of unit vectors).")
 @click.option("--embedding-dim", type=click.IntRange(min=1), default=_D.embedding_dim, show_default=True)
 @click.option("--width-mult", type=float, default=None, help="MobileNetV2 width multiplier (default 1.0).")
+@click.option("--input-pool", type=click.IntRange(min=1), default=_D.input_pool, show_default=True,
+              help="Average the input over NxN blocks inside the model: train and serve at 1/N the resolution's "
+                   "cost from the same prepared data (e.g. 2: a 128 px dataset is seen at 64 px).")
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=_D.keep_checkpoints, show_default=True)
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Random resized crop (60-100%% of the area) + horizontal flip; no colour changes.")

@@ -301,6 +301,12 @@ class GraphBuilder:
             kernel_shape=[kh, kw], strides=list(strides), pads=[pt, pl, pb, pr],
         )
 
+    def avg_pool(self, x: str, k: int, *, name: str = "avgpool_in") -> str:
+        """k x k average pooling with stride k (NCHW; H and W divisible by k)."""
+        b, c, h, w = self.shape(x)
+        return self.node("AveragePool", [x], name=name, shape=(b, c, h // k, w // k), kernel_shape=[k, k],
+                         strides=[k, k])
+
     def global_avg_pool(self, x: str, *, name: str = "pool") -> str:
         """NCHW -> [B, C] mean over H and W."""
         b, c, _, _ = self.shape(x)

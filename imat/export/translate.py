@@ -117,6 +117,9 @@ def build_backbone(g: GraphBuilder, model, image_size: int) -> Tensors:
 
     images = g.add_input(INPUT_NAME, TensorProto.UINT8, (BATCH, image_size, image_size, 3))
     x = g.preprocess_uint8_nhwc(images, IMAGENET_MEAN, IMAGENET_STD)
+    pool = int(getattr(model, "input_pool", 1))
+    if pool > 1:
+        x = g.avg_pool(x, pool, name="input_pool")
     if isinstance(model, ResNet):
         pooled = _resnet_features(g, model, x)
         classifier = model.fc

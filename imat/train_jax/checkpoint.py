@@ -189,6 +189,7 @@ def build_model(config: dict, *, pretrained=None):
         rotation_head=bool(config.get("rotation_head", config.get("objective") == "rotation")),
         pretrained=pretrained,
         depthwise=config.get("depthwise", "auto"),
+        input_pool=int(config.get("input_pool", 1)),
         rngs=nnx.Rngs(int(config.get("seed", 0))),
         # Architecture options are passed only when set, so other architectures never see them.
         **({"width_mult": float(config["width_mult"])} if config.get("width_mult") is not None else {}),

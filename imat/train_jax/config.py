@@ -33,7 +33,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # would be meaningless or impossible.
 RESUME_KEYS = (
     "arch", "objective", "embedding_dim", "num_classes", "image_size", "batch_size",
-    "seed", "optimizer", "augment", "depthwise", "width_mult",
+    "seed", "optimizer", "augment", "depthwise", "width_mult", "input_pool",
 )
 
 
@@ -67,6 +67,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # > 0: AdamW (decoupled weight decay)
     depthwise: str = "auto"
     width_mult: float | None = None  # mobilenet_v2 width multiplier (None: the architecture's 1.0)
+    input_pool: int = 1  # > 1: the network sees the input averaged over pool x pool blocks (cheaper, same data)
     augment: bool = False
     map_k: int = 10
     # Served as model.onnx's `embedding`; None: the objective's default (its spec).
@@ -122,7 +123,7 @@ class TrainConfig:
             bad("--arch", "empty architecture name")
         if not self.data_dir:
             bad("--data", "no prepared dataset given (run `imat data prepare` first)")
-        for name in ("batch_size", "image_size", "embedding_dim", "num_classes", "log_every",
+        for name in ("batch_size", "image_size", "embedding_dim", "num_classes", "log_every", "input_pool",
                      "keep_checkpoints", "max_eval_batches", "map_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -131,6 +132,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 bad(f"--{name.replace('_', '-')}", f"{value!r} must be a positive integer")
+        if self.image_size % self.input_pool:
+            bad("--input-pool", f"{self.input_pool} does not divide --image-size {self.image_size}")
         if self.epochs is None and self.steps is None:
             bad("--epochs/--steps", "give one of them")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -211,8 +211,10 @@ def test_resnet50_builds_and_matches_jax(tmp_path):
     from export_helpers import random_resnet
 
     model = random_resnet("resnet50", num_classes=5)
+    # The pooled features as the embedding: random-weight logits in the thousands saturate the
+    # sigmoid, which would make a probabilities embedding a test of float32 sigmoid, not of the graph.
     report = export_onnx_report(model, tmp_path / "r50.onnx", image_size=32, objective="bce",
-                                category_names=list("abcde"), include_logits=True)
+                                embedding_source="pooled", category_names=list("abcde"), include_logits=True)
     assert report.parity.max_relative < 1e-4, report.parity.describe()
     # Random He-init weights through 16 bottlenecks give logits in the thousands: the case where
     # probabilities are judged on the logits' scale (validate.compare) rather than on 1.
@@ -269,3 +271,24 @@ def test_batchnorm_kept_as_nodes_gives_the_same_model(tmp_path, make_model, cate
     a, b = ort_run(folded.path, images), ort_run(kept.path, images)
     for name in a:
         assert rel_err(a[name], b[name]) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["resnet_tiny", "mobilenet_v2"])
+def test_input_pool_is_exported_and_matches_jax(tmp_path, make_model, category_names, arch):
+    kwargs = {"width_mult": 0.35} if arch == "mobilenet_v2" else {}
+    model = make_model(arch, input_pool=2, **kwargs)
+    assert model.config["input_pool"] == 2
+    report = export_onnx_report(model, tmp_path / "m.onnx", image_size=SIZE, objective="bce",
+                                category_names=category_names)
+    assert report.parity.max_relative < 1e-5, report.parity.describe()
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    pools = [n for n in proto.graph.node if n.op_type == "AveragePool"]
+    assert len(pools) == 1 and [a.ints for a in pools[0].attribute if a.name == "strides"] == [[2, 2]]
+    # The network really sees the block average: a 2x2-constant image gives the same output as its 1/2 copy
+    # fed to the same weights without pooling.
+    small = make_model(arch, input_pool=1, **kwargs)
+    images = random_images(3, SIZE // 2, seed=4)
+    big = images.repeat(2, axis=1).repeat(2, axis=2)
+    a = jax_reference(model, "probabilities", ["embedding", "probabilities"])(big)
+    b = jax_reference(small, "probabilities", ["embedding", "probabilities"])(images)
+    np.testing.assert_allclose(a["probabilities"], b["probabilities"], rtol=1e-4, atol=1e-5)

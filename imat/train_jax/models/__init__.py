@@ -32,17 +32,18 @@ logger = logging.getLogger(__name__)
 HEAD_NAMES = ("embedding_head", "rotation_head")
 
 
-def _resnet(arch: str, *, num_classes, embedding_dim, rotation_head, depthwise, rngs):
+def _resnet(arch: str, *, num_classes, embedding_dim, rotation_head, depthwise, rngs, input_pool=1):
     del depthwise  # ResNets have no depthwise convs
     return build_resnet(
-        arch, num_classes=num_classes, embedding_dim=embedding_dim, rotation_head=rotation_head, rngs=rngs
+        arch, num_classes=num_classes, embedding_dim=embedding_dim, rotation_head=rotation_head, rngs=rngs,
+        input_pool=input_pool,
     )
 
 
-def _mobilenet_v2(*, num_classes, embedding_dim, rotation_head, depthwise, rngs, width_mult=1.0):
+def _mobilenet_v2(*, num_classes, embedding_dim, rotation_head, depthwise, rngs, width_mult=1.0, input_pool=1):
     return MobileNetV2(
         num_classes=num_classes, embedding_dim=embedding_dim, rotation_head=rotation_head,
-        width_mult=width_mult, depthwise=depthwise, rngs=rngs,
+        width_mult=width_mult, depthwise=depthwise, rngs=rngs, input_pool=input_pool,
     )
 
 
@@ -63,12 +64,15 @@ def create_model(
     rotation_head: bool = False,
     pretrained=None,
     depthwise: str = "auto",
+    input_pool: int = 1,
     rngs: nnx.Rngs,
     **arch_kwargs,
 ) -> nnx.Module:
     """Build a registered model; ``pretrained`` (a .safetensors path or a state dict) is loaded with
     ``imat.train_jax.pretrained.load_torchvision_state_dict``. ``arch_kwargs`` are architecture
-    options (``width_mult`` for mobilenet_v2). ``depthwise``: "auto" | "grouped" | "shifted"."""
+    options (``width_mult`` for mobilenet_v2). ``depthwise``: "auto" | "grouped" | "shifted".
+    ``input_pool`` > 1 averages the normalised input over pool x pool blocks before the stem
+    (parameter-free, so torchvision weights still load)."""
     if name not in MODELS:
         raise ConfigError(f"unknown model architecture {name!r}; choose one of {sorted(MODELS)}")
     if depthwise not in DEPTHWISE_MODES:
@@ -77,11 +81,13 @@ def create_model(
         raise ConfigError(f"options {sorted(arch_kwargs)} are not understood by {name!r}")
     if set(arch_kwargs) - {"width_mult"}:
         raise ConfigError(f"unknown model options {sorted(set(arch_kwargs) - {'width_mult'})} for {name!r}")
+    if int(input_pool) < 1:
+        raise ConfigError(f"input_pool={input_pool!r} must be >= 1")
     if int(num_classes) < 1 or int(embedding_dim) < 1:
         raise ConfigError(f"num_classes ({num_classes}) and embedding_dim ({embedding_dim}) must be >= 1")
     model = MODELS[name](
         num_classes=int(num_classes), embedding_dim=int(embedding_dim), rotation_head=bool(rotation_head),
-        depthwise=depthwise, rngs=rngs, **arch_kwargs,
+        depthwise=depthwise, rngs=rngs, input_pool=int(input_pool), **arch_kwargs,
     )
     model.arch = name
     model.config = {
@@ -89,6 +95,7 @@ def create_model(
         "embedding_dim": int(embedding_dim),
         "rotation_head": bool(rotation_head),
         "depthwise": depthwise,
+        **({"input_pool": int(input_pool)} if int(input_pool) > 1 else {}),
         **{k: float(v) for k, v in arch_kwargs.items()},
     }
     if pretrained is not None:

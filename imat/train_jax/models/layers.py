@@ -64,12 +64,19 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     )
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 (or any numeric) NHWC -> float32 ``(x / 255 - mean) / std`` with ImageNet statistics."""
+def normalize_images(images: jax.Array, pool: int = 1) -> jax.Array:
+    """uint8 (or any numeric) NHWC -> float32 ``(x / 255 - mean) / std`` with ImageNet statistics,
+    then (``pool`` > 1) averaged over pool x pool blocks: the network sees an image ``pool`` times
+    smaller than its input, at that smaller image's cost, while the input (and the prepared data
+    and the engine's decode) stays at full size: identical pixels everywhere."""
     x = jnp.asarray(images).astype(jnp.float32) / 255.0
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
     std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    return (x - mean) / std
+    x = (x - mean) / std
+    if pool > 1:
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // pool, pool, w // pool, pool, c).mean(axis=(2, 4))
+    return x
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

@@ -101,9 +101,11 @@ class MobileNetV2(nnx.Module):
         depthwise: str = "auto",
         dropout: float = 0.2,
         rngs: nnx.Rngs,
+        input_pool: int = 1,
     ):
         self.arch = "mobilenet_v2"
         self.width_mult = width_mult
+        self.input_pool = int(input_pool)
         in_ch = make_divisible(32 * width_mult)
         last_channel = make_divisible(1280 * max(1.0, width_mult))
         self.stem_conv = conv(3, in_ch, 3, 2, rngs=rngs)
@@ -128,7 +130,7 @@ class MobileNetV2(nnx.Module):
 
     def forward_features(self, images: jax.Array) -> jax.Array:
         """uint8 NHWC -> pooled features [B, last_channel]."""
-        x = normalize_images(images)
+        x = normalize_images(images, self.input_pool)
         x = relu6(self.stem_bn(self.stem_conv(x)))
         for blk in self.features:
             x = blk(x)

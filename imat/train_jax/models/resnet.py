@@ -102,10 +102,12 @@ class ResNet(nnx.Module):
         embedding_dim: int,
         rotation_head: bool,
         rngs: nnx.Rngs,
+        input_pool: int = 1,
     ):
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
         self.arch = arch
         self.block = block
+        self.input_pool = int(input_pool)
         self.stem_conv = conv(3, stem_width, 7, 2, rngs=rngs)
         self.stem_bn = batch_norm(stem_width, rngs=rngs)
         in_ch = stem_width
@@ -125,7 +127,7 @@ class ResNet(nnx.Module):
 
     def forward_features(self, images: jax.Array) -> jax.Array:
         """uint8 NHWC -> pooled features [B, F]."""
-        x = normalize_images(images)
+        x = normalize_images(images, self.input_pool)
         x = max_pool_3x3_s2(nnx.relu(self.stem_bn(self.stem_conv(x))))
         for stage in self.layers:
             for blk in stage:
@@ -145,8 +147,10 @@ _SPECS = {
 }
 
 
-def build_resnet(arch: str, *, num_classes: int, embedding_dim: int, rotation_head: bool, rngs: nnx.Rngs) -> ResNet:
+def build_resnet(arch: str, *, num_classes: int, embedding_dim: int, rotation_head: bool, rngs: nnx.Rngs,
+                 input_pool: int = 1) -> ResNet:
     return ResNet(
         arch=arch, num_classes=num_classes, embedding_dim=embedding_dim, rotation_head=rotation_head, rngs=rngs,
+        input_pool=input_pool,
         **_SPECS[arch],
     )
