@@ -181,7 +181,7 @@ def format_eval_table(result: dict) -> str:
 @click.command("eval")
 @common_model
 @click.option("--images", "images", required=True, type=click.Path(path_type=pathlib.Path),
-              help="A labelled Kaggle-layout folder (train.csv, label_descriptions.json, train/).")
+              help="A labelled folder: Kaggle layout (train.csv) or image-level (labels.csv + images/).")
 @click.option("--k", "k", default=10, show_default=True, help="Cut-off for the metrics.")
 @click.option("--json", "json_out", type=click.Path(path_type=pathlib.Path), default=None, help="Write metrics JSON.")
 @common_batch
@@ -191,8 +191,9 @@ def evaluate(model, images, k, json_out, batch_size, threads):
     from imat.fileio import atomic_write_text
 
     _check_output_file(json_out, "--json", "metrics.json")
-    if not (images / "train.csv").is_file():
-        raise DataError(f"{images}: not a Kaggle-layout folder (no train.csv); evaluation needs labels")
+    from imat.data_tools.sources import detect_kind
+
+    detect_kind(images)  # a labelled folder of either kind, or one clear error naming both layouts
     engine = _engine(model, batch_size, threads)
     result = engine.evaluate(images, k=k)
     _summarise_errors(result["skipped_images"], "images")
