@@ -44,8 +44,9 @@ class Relevance:
 def jaccard(a, b=None, xp=np):
     """float [len(a), len(b)] Jaccard of the category sets in the rows of multi-hot ``a`` and ``b``
     (values >= 0.5 count as present; b defaults to a; empty-empty = 0)."""
-    fa = (xp.asarray(a) >= 0.5).astype(xp.float32)
-    fb = fa if b is None else (xp.asarray(b) >= 0.5).astype(xp.float32)
+    dtype = np.float64 if xp is np else xp.float32  # exact ratios for metrics; float32 under jit
+    fa = (xp.asarray(a) >= 0.5).astype(dtype)
+    fb = fa if b is None else (xp.asarray(b) >= 0.5).astype(dtype)
     inter = fa @ fb.T
     union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
     return xp.where(union > 0, inter / xp.maximum(union, 1.0), 0.0)

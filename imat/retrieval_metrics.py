@@ -1,9 +1,8 @@
 """Retrieval metrics shared by training (validation mAP) and the engine (imat eval): pure numpy.
 
-Relevance between two images is the Jaccard index of their category sets
-(|A & B| / |A | B|; two empty sets count as 0, i.e. unlabelled images are never
-relevant). Street photos nearly always share *some* category (shoes, bags), so
-"shares any" would make every ranking look good; Jaccard does not.
+Relevance between two images is the shared rule of :mod:`imat.relevance`: the
+Jaccard index of their category sets (two empty sets count as 0, i.e. unlabelled
+images are never relevant).
 
 Definitions (per query, averaged over queries; k = cut-off):
 
@@ -22,19 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-RELEVANCE_THRESHOLD = 0.5
+from imat.relevance import POSITIVE_THRESHOLD as RELEVANCE_THRESHOLD
+from imat.relevance import jaccard
+
 METRIC_NAMES = ("map", "precision", "recall", "ndcg")
-
-
-def jaccard_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float64[Q,N] Jaccard of the label sets in rows of a (bool/0-1 [Q,C]) and b ([N,C]); empty-empty = 0."""
-    a = (np.asarray(a) > 0).astype(np.float64)
-    b = (np.asarray(b) > 0).astype(np.float64)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-    out = np.zeros_like(inter)
-    np.divide(inter, union, out=out, where=union > 0)
-    return out
 
 
 def retrieval_metrics(
@@ -61,7 +51,7 @@ def retrieval_metrics(
     ap, rec, prec, ndcg = [], [], [], []
     for start in range(0, q_count, chunk):
         stop = min(q_count, start + chunk)
-        jac = jaccard_matrix(query_labels[start:stop], gallery_labels)
+        jac = jaccard(query_labels[start:stop], gallery_labels)
         rows = np.arange(stop - start)
         ex = exclude[start:stop]
         has_ex = ex >= 0

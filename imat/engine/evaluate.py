@@ -3,9 +3,8 @@
 Retrieval metric definitions (Jaccard relevance, mAP@k, P@k, R@k, NDCG@k) live in
 imat.retrieval_metrics, shared with training's validation mAP. Here:
 
-- F1 of predicted categories: micro over all (image, category) pairs; macro = mean of
-  per-category F1 over categories that occur in the truth or the predictions
-  (a category absent from both has undefined F1 and is skipped)
+- F1 of predicted categories (neighbour votes, model probabilities): imat.label_metrics,
+  the same definition as training's validation F1.
 """
 
 from __future__ import annotations
@@ -14,10 +13,10 @@ import logging
 
 import numpy as np
 
+from imat.label_metrics import f1_scores
 from imat.retrieval_metrics import (  # noqa: F401  (re-exported: the engine's metric API)
     METRIC_NAMES,
     RELEVANCE_THRESHOLD,
-    jaccard_matrix,
     retrieval_metrics,
 )
 
@@ -44,24 +43,6 @@ def neighbour_votes(ids: np.ndarray, scores: np.ndarray, gallery_labels: np.ndar
     out = np.zeros_like(votes)
     np.divide(votes, total, out=out, where=total > 0)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
-
-
-def f1_scores(true: np.ndarray, pred: np.ndarray) -> dict:
-    """Macro and micro F1 of multi-label predictions (bool/0-1 [N,C])."""
-    t = np.asarray(true) > 0
-    p = np.asarray(pred) > 0
-    tp = (t & p).sum(0).astype(np.float64)
-    fp = (~t & p).sum(0).astype(np.float64)
-    fn = (t & ~p).sum(0).astype(np.float64)
-    denom = 2 * tp + fp + fn
-    present = denom > 0
-    per_class = np.where(present, 2 * tp / np.where(present, denom, 1), 0.0)
-    micro_denom = denom.sum()
-    return {
-        "f1_macro": float(per_class[present].mean()) if present.any() else 0.0,
-        "f1_micro": float(2 * tp.sum() / micro_denom) if micro_denom > 0 else 0.0,
-        "categories_scored": int(present.sum()),
-    }
 
 
 def drop_self(ids: np.ndarray, scores: np.ndarray, self_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

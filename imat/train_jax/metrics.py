@@ -4,18 +4,13 @@ Objectives return per-batch metrics; :class:`MetricAccumulator` sums them so tha
 epoch-level numbers are exact:
 
 * multi-label F1 at threshold 0.5 from summed per-class TP/FP/FN counts (never an
-  average of per-batch F1s). ``f1_micro`` pools the counts of all classes.
-  ``f1_macro`` (the headline metric, as in the seed report) averages per-class F1
-  over the classes *with support* (TP + FN > 0) in the accumulated set: a
-  category absent from the validation split has no defined F1 and would otherwise
-  pull the mean towards 0. ``f1_macro_all`` averages over all classes with F1 := 0
-  where undefined (sklearn's ``average="macro", zero_division=0``), for comparison.
+  average of per-batch F1s), as defined in :mod:`imat.label_metrics` (shared with
+  `imat eval`); ``f1_macro`` is the headline metric, as in the seed report.
 * triplet and rotation accuracy from summed correct/count.
 * every other scalar (losses, active fraction, ...) is a mean over batches.
 
 Retrieval: :func:`retrieval_map_at_k`, leave-one-out mAP@k on cosine similarity,
-an item relevant to a query when the Jaccard similarity of their category sets
-is >= 0.5 (the triplet positive rule); numpy, chunked over queries.
+relevance by :mod:`imat.relevance`; numpy, chunked over queries.
 """
 
 from __future__ import annotations
@@ -25,7 +20,8 @@ from typing import Mapping
 
 import numpy as np
 
-from imat.retrieval_metrics import exact_leave_one_out_topk, jaccard_matrix, retrieval_metrics
+from imat.label_metrics import f1_from_counts
+from imat.retrieval_metrics import exact_leave_one_out_topk, retrieval_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -33,22 +29,6 @@ logger = logging.getLogger(__name__)
 SUM_KEYS = frozenset(
     {"tp", "fp", "fn", "triplet_correct", "triplet_count", "rotation_correct", "rotation_count"}
 )
-
-
-def f1_scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> dict[str, float]:
-    """Micro/macro F1, precision and recall from per-class count vectors (see module doc)."""
-    tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
-    denom = 2 * tp + fp + fn
-    per_class = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    support = (tp + fn) > 0
-    micro_denom = 2 * tp.sum() + fp.sum() + fn.sum()
-    return {
-        "f1_micro": float(2 * tp.sum() / micro_denom) if micro_denom > 0 else 0.0,
-        "f1_macro": float(per_class[support].mean()) if support.any() else 0.0,
-        "f1_macro_all": float(per_class.mean()),
-        "precision_micro": float(tp.sum() / (tp.sum() + fp.sum())) if (tp.sum() + fp.sum()) > 0 else 0.0,
-        "recall_micro": float(tp.sum() / (tp.sum() + fn.sum())) if (tp.sum() + fn.sum()) > 0 else 0.0,
-    }
 
 
 class MetricAccumulator:
@@ -75,18 +55,15 @@ class MetricAccumulator:
         out = {k: v / self.num_batches for k, v in self._means.items()}
         s = self._sums
         if {"tp", "fp", "fn"} <= s.keys():
-            out.update(f1_scores(s["tp"], s["fp"], s["fn"]))
+            f1 = f1_from_counts(s["tp"], s["fp"], s["fn"])
+            f1.pop("categories_scored")
+            out.update(f1)
         if "triplet_count" in s:
             out["triplet_accuracy"] = float(s["triplet_correct"] / max(s["triplet_count"], 1.0))
             out["triplet_count"] = float(s["triplet_count"])
         if "rotation_count" in s:
             out["rotation_accuracy"] = float(s["rotation_correct"] / max(s["rotation_count"], 1.0))
         return out
-
-
-def jaccard_relevance(categories_a: np.ndarray, categories_b: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Boolean [len(a), len(b)]: Jaccard(category sets) >= threshold (two empty sets are not relevant)."""
-    return jaccard_matrix(categories_a, categories_b) >= threshold
 
 
 def retrieval_map_at_k(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from imat.engine import evaluate as ev
+from imat.relevance import jaccard
 
 
 def slow_metrics(qlab, glab, retrieved, k, exclude, thr=0.5):
@@ -59,7 +60,7 @@ def test_hand_computed_case():
 def test_jaccard_matrix():
     a = np.array([[1, 1, 0], [0, 0, 0]])
     b = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1]])
-    np.testing.assert_allclose(ev.jaccard_matrix(a, b), [[0.5, 0, 2 / 3], [0, 0, 0]])
+    np.testing.assert_allclose(jaccard(a, b), [[0.5, 0, 2 / 3], [0, 0, 0]])
 
 
 def test_perfect_ranking_scores_one_with_recall_capped_at_k():
@@ -116,7 +117,7 @@ def test_random_baseline_matches_its_expectation():
     rng = np.random.default_rng(0)
     labels = rng.random((60, 4)) < 0.4
     base = ev.random_ranking_metrics(labels, 5, samples=40, seed=3)
-    jac = ev.jaccard_matrix(labels, labels)
+    jac = jaccard(labels, labels)
     np.fill_diagonal(jac, -1)
     expected_precision = ((jac >= 0.5).sum(1) / 59).mean()  # E[P@k] of a random ranking
     assert base["precision"] == pytest.approx(expected_precision, abs=0.02)
