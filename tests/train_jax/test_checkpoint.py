@@ -132,3 +132,17 @@ def test_load_model_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TrainConfig(data_dir="x", arch="resnet_tiny").to_dict()))
     with pytest.raises(ModelError, match="no checkpoint"):
         load_model_from_run(tmp_path)
+
+
+def test_a_non_finite_checkpoint_is_skipped_on_resume(tmp_path, caplog):
+    # A checkpoint left by an older imat (or a diverged run) with NaN parameters: resuming takes the
+    # previous finite one and says why, instead of continuing from NaN.
+    model, opt = _model_and_opt()
+    ms, os_ = nnx.state(model), nnx.state(opt)
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save(1, _perturbed(ms, 1.0), os_, {"seed": 0})
+    store.save(2, _perturbed(ms, float("nan")), os_, {"seed": 0})
+    with caplog.at_level(logging.WARNING):
+        step, model_state, _, _ = store.restore_latest(ms, os_)
+    assert step == 1 and all(np.isfinite(x).all() for x in _leaves(model_state) if x.dtype.kind == "f")
+    assert "non-finite" in caplog.text and "/2" in caplog.text
