@@ -21,7 +21,6 @@ the file is written to a temp file beside the target and ``os.replace``d into pl
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import time
@@ -224,7 +223,7 @@ def jax_reference(model, embedding_source: str, outputs: Sequence[str]):
     from flax import nnx
 
     from imat.train_jax.models.heads import l2_normalize
-    from imat.train_jax.train import retrieval_outputs
+    from imat.train_jax.evaluation import retrieval_outputs
 
     ref = nnx.clone(model)
     ref.eval()  # BatchNorm running averages, no dropout; the caller's model keeps its mode
@@ -302,17 +301,10 @@ def check_run_health(run_dir: pathlib.Path) -> None:
     """ModelError when the run's logged losses show it diverged (``train_jax.divergence``): such a
     model would serve garbage, whatever its parity."""
     from imat.train_jax.divergence import divergence
+    from imat.train_jax.run_log import read_rows
 
     path = run_dir / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)):
-                rows.append(row)
+    rows = [r for r in read_rows(path) if isinstance(r.get("loss"), (int, float))]
     train = [float(r["loss"]) for r in rows if r.get("split") == "train"]
     val = [float(r["loss"]) for r in rows if r.get("split") == "val"]
     why = divergence(train)

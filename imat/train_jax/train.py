@@ -31,14 +31,12 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
-import math
 import pathlib
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -47,10 +45,11 @@ from imat.fileio import atomic_write_text
 from imat.train_jax import sharding
 from imat.train_jax.checkpoint import CHECKPOINT_DIR, CheckpointStore, build_model
 from imat.train_jax.config import TrainConfig
-from imat.train_jax.curves import plot_curves
 from imat.train_jax.divergence import divergence
+from imat.train_jax.evaluation import Evaluator, make_eval_steps
 from imat.train_jax.init_from import init_from_run, is_head_path
-from imat.train_jax.metrics import MetricAccumulator, retrieval_map_at_k
+from imat.train_jax.metrics import MetricAccumulator
+from imat.train_jax.run_log import RunLog
 
 logger = logging.getLogger(__name__)
 
@@ -96,29 +95,6 @@ def check_resume(config: TrainConfig, workdir: pathlib.Path) -> TrainConfig | No
     return previous
 
 
-def _read_rows(path: pathlib.Path, up_to_step: int) -> list[dict]:
-    """metrics.jsonl rows with step <= up_to_step (later ones belong to a run that was interrupted)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("step", math.inf) <= up_to_step:
-            rows.append(row)
-    return rows
-
-
-def _to_host(tree):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
 # ---- jitted steps ----------------------------------------------------------------------------------
 
 def make_train_step(model_graphdef, opt_graphdef, loss_and_metrics, options: dict, wrt=nnx.Param):
@@ -139,79 +115,11 @@ def make_train_step(model_graphdef, opt_graphdef, loss_and_metrics, options: dic
     return jax.jit(train_step, donate_argnums=0)
 
 
-def retrieval_outputs(outputs: dict) -> dict:
-    """The model outputs that can serve as retrieval vectors (spec.EMBEDDING_SOURCES)."""
-    res = {"pooled": outputs["pooled"], "embedding": outputs["embedding"]}
-    if "logits" in outputs:
-        res["probabilities"] = jax.nn.sigmoid(outputs["logits"].astype(jnp.float32))
-    return res
-
-
-def make_eval_steps(eval_graphdef, loss_and_metrics, options: dict):
-    """(eval_step(model_state, batch) -> metrics, embed(model_state, images) -> outputs), eval mode, jitted."""
-
-    @jax.jit
-    def eval_step(model_state, batch):
-        outputs = nnx.merge(eval_graphdef, model_state)(batch["images"])
-        return loss_and_metrics(outputs, batch, **options)[1]
-
-    @jax.jit
-    def embed(model_state, images):
-        return retrieval_outputs(nnx.merge(eval_graphdef, model_state)(images))
-
-    return eval_step, embed
-
-
 @jax.jit
 def all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
               if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-class _Evaluator:
-    """Validation metrics of a model state (see module doc)."""
-
-    def __init__(self, config: TrainConfig, mesh, val_source, val_split, eval_step, embed):
-        self.config, self.mesh = config, mesh
-        self.val_source, self.val_split = val_source, val_split
-        self.eval_step, self.embed = eval_step, embed
-        served = config.retrieval_output
-        self.candidates = (served, *[c for c in config.spec.embedding_candidates() if c != served])
-
-    def features(self, model_state) -> dict[str, np.ndarray]:
-        """Retrieval features of every validation image (padded fixed-size chunks: one compile)."""
-        n, b = self.val_split.num_examples, self.config.batch_size
-        sharding_ = sharding.batch_sharding(self.mesh)
-        out: dict[str, list] = {k: [] for k in self.candidates}
-        for start in range(0, n, b):
-            chunk = self.val_split.images(np.arange(start, min(start + b, n)))
-            real = len(chunk)
-            if real < b:
-                chunk = np.concatenate([chunk, np.zeros((b - real, *chunk.shape[1:]), chunk.dtype)])
-            # Every process holds the whole chunk; each supplies the rows of its own devices.
-            images = jax.make_array_from_callback(chunk.shape, sharding_, lambda idx, c=chunk: c[idx])
-            feats = _to_host(self.embed(model_state, images))
-            for k in out:
-                out[k].append(np.asarray(feats[k])[:real])
-        return {k: np.concatenate(v) for k, v in out.items()}
-
-    def __call__(self, model_state) -> dict[str, float]:
-        acc = MetricAccumulator()
-        num_batches = min(self.val_source.steps_per_epoch, self.config.max_eval_batches)
-        for batch in self.val_source.iterate(0, num_batches):
-            acc.update(jax.device_get(self.eval_step(model_state, sharding.shard_batch(batch, self.mesh))))
-        result = acc.compute()
-        feats = self.features(model_state)
-        k, cats = self.config.map_k, self.val_split.categories
-        for i, name in enumerate(self.candidates):
-            key = f"map@{k}" if i == 0 else f"map@{k}_{name}"
-            result[key] = retrieval_map_at_k(feats[name], cats, k=k, threshold=self.config.positive_threshold)
-        return result
-
-
-def _round(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
 
 
 # ---- the loop, as named steps ---------------------------------------------------------------------
@@ -351,38 +259,7 @@ def restore(store: CheckpointStore, state: tuple, workdir: pathlib.Path) -> tupl
     return step, (model_state, opt_state)
 
 
-class _RunLog:
-    """metrics.jsonl rows and curves.png of a run (written by process 0)."""
-
-    def __init__(self, workdir: pathlib.Path, config: TrainConfig, start_step: int, is_main: bool):
-        self.path = workdir / "metrics.jsonl"
-        self.curves = workdir / "curves.png"
-        self.metrics = config.spec.curve_metrics
-        self.is_main = is_main
-        self.rows = _read_rows(self.path, start_step)
-
-    def add(self, row: dict) -> dict:
-        row = _round(row)
-        self.rows.append(row)
-        return row
-
-    def last(self, split: str) -> dict:
-        return next((r for r in reversed(self.rows) if r["split"] == split), {})
-
-    def train_losses(self) -> list[float]:
-        return [r["loss"] for r in self.rows if r["split"] == "train" and "loss" in r]
-
-    def write(self) -> None:
-        if not self.is_main:
-            return
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        try:
-            plot_curves(self.rows, self.curves, self.metrics)
-        except Exception as e:  # a plotting problem must not kill a training run
-            logger.warning("could not draw curves.png: %s", e)
-
-
-def _check_health(log: _RunLog, step: int) -> None:
+def _check_health(log: RunLog, step: int) -> None:
     why = divergence(log.train_losses())
     if why:
         log.write()  # the evidence stays in metrics.jsonl (export refuses the run by it)
@@ -391,7 +268,7 @@ def _check_health(log: _RunLog, step: int) -> None:
 
 
 def run_loop(config: TrainConfig, data: _Data, schedule: _Schedule, model: _Model, mesh, store: CheckpointStore,
-             log: _RunLog, start_step: int, is_main: bool) -> tuple:
+             log: RunLog, start_step: int, is_main: bool) -> tuple:
     """Train from ``start_step`` to ``schedule.num_steps``: log, evaluate, checkpoint; returns the final state."""
     from tqdm.auto import tqdm
 
@@ -399,7 +276,7 @@ def run_loop(config: TrainConfig, data: _Data, schedule: _Schedule, model: _Mode
     options = spec.options(config)
     train_step = make_train_step(model.model_graphdef, model.opt_graphdef, spec.loss_and_metrics, options,
                                  wrt=trainable_filter(config))
-    evaluate = _Evaluator(config, mesh, data.val_source, data.val_split,
+    evaluate = Evaluator(config, mesh, data.val_source, data.val_split,
                           *make_eval_steps(model.eval_graphdef, spec.loss_and_metrics, options))
     meta = {"seed": config.seed, "arch": config.arch, "objective": config.objective}
     state = model.state
@@ -482,7 +359,7 @@ def train_and_evaluate(config: TrainConfig, workdir) -> dict[str, Any]:
             logger.warning("the latest checkpoint (step %d) is past the requested %d steps; evaluating it",
                            start_step, schedule.num_steps)
             schedule = dataclasses.replace(schedule, num_steps=start_step)
-        log = _RunLog(workdir, config, start_step, is_main)
+        log = RunLog(workdir, config, start_step, is_main)
         logger.info("training %s (%s) for %d steps (%d/epoch) on %d device(s), batch %d; workdir %s", config.arch,
                     config.objective, schedule.num_steps, schedule.steps_per_epoch, mesh.devices.size,
                     config.batch_size, workdir)

@@ -9,7 +9,6 @@ import threading
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from imat.data_tools.images import decode_image
 from imat.engine import Engine
