@@ -24,7 +24,8 @@ def test_export_run_latest_and_given_step(tmp_path, bce_run):
     out = export_run(run_dir, tmp_path / "latest.onnx")
     meta = read_metadata(out)
     assert meta.architecture == "resnet_tiny" and meta.objective == "bce"
-    assert meta.image_size == 32 and meta.embedding_dim == 16
+    # bce serves what it trains: the 46 probabilities (L2-normalised), not the 16-d embedding head.
+    assert meta.image_size == 32 and meta.embedding_dim == 46 and meta.embedding_source == "probabilities"
     assert meta.outputs == ("embedding", "probabilities")
     assert meta.category_names[0] == "shirt, blouse" and len(meta.category_names) == 46
     assert meta.extra["checkpoint_step"] == "5"
@@ -79,4 +80,5 @@ def test_export_a_trained_run_end_to_end(tmp_path):
     assert report.parity.num_images == 8 + 6  # 8 prepared validation images + 6 random
     assert report.parity.max_relative < 1e-5, report.parity.describe()
     meta = read_metadata(report.path)
-    assert meta.extra["checkpoint_step"] == "3" and meta.embedding_dim == 32 and meta.objective == "bce"
+    assert meta.extra["checkpoint_step"] == "3" and meta.embedding_dim == 46 and meta.objective == "bce"
+    assert meta.resize_mode == "stretch" and meta.embedding_source == "probabilities"
