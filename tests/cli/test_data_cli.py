@@ -168,6 +168,7 @@ def test_prepare_several_sources(synth_root, tmp_path, capsys):
     assert rc == 0
     data_dir = pathlib.Path(capsys.readouterr().out.strip().splitlines()[-1])
     manifest = json.loads((data_dir / "imat_manifest.json").read_text())
-    assert manifest["splits"] == {"train": 7, "validation": 2, "unlabelled": 1}
+    # Each source is split on its own: 6 labelled synthetic photos -> 2 held out, 3 labelled image-level -> 1.
+    assert manifest["splits"] == {"train": 6, "validation": 3, "unlabelled": 1}
     assert [e["kind"] for e in manifest["sources"]] == sorted(
         ["kaggle", "image-level"], key=lambda k: str(synth_root if k == "kaggle" else extra.resolve()))
