@@ -14,6 +14,7 @@ A saved folder never holds tombstones, so the on-disk format is unchanged.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -256,6 +257,13 @@ class GalleryIndex:
         self.items = [it for it, k in zip(self.items, keep) if k]
         self._deleted = None
         self._changed()
+
+    def copy(self) -> "GalleryIndex":
+        """An independent copy (the FAISS index cloned): saved while the original keeps serving."""
+        return GalleryIndex(index=faiss_module().clone_index(self.index), meta=copy.deepcopy(self.meta),
+                            items=[dict(it) for it in self.items], directory=self.directory,
+                            _sidecar_sha256=self._sidecar_sha256,
+                            _deleted=None if self._deleted is None else self._deleted.copy())
 
     def save(self, directory) -> pathlib.Path:
         """Write the index folder (atomically); refuses to overwrite the folder it came from if another
