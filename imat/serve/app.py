@@ -264,7 +264,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                 "model": {"architecture": meta.architecture, "objective": meta.objective,
                           "image_size": meta.image_size, "embedding_dim": meta.embedding_dim},
                 "index": {"index_type": g.index_type, "items": state.index.count, "labelled": g.labelled},
-                "categories": state.index.category_names(),
+                "categories": state.index.category_names(),  # the names some item in the index has
+                "model_categories": list(meta.category_names),
                 "limits": {"max_k": MAX_K, "max_images": config.max_images,
                            "max_upload_bytes": config.max_upload_bytes},
                 "writes_need_key": state.api_key is not None, "reads_need_key": config.protect_reads}
@@ -310,7 +311,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                                        "contain commas, such as 'bag, wallet', are recognised")] = None):
         """Add an item (or replace the item with this id); durable when answered."""
         item_id = check_item_id(id)
-        names = parse_categories(categories or [], frozenset(state.index.category_names()))
+        known = frozenset(state.index.category_names()) | frozenset(state.engine.metadata.category_names)
+        names = parse_categories(categories or [], known)
         _, images, errors = await state.decode([image])
         if errors:
             raise BadRequest(f"form field 'image': {errors[0]}")

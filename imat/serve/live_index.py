@@ -69,9 +69,9 @@ class LiveIndex:
         # Held for the server's lifetime: a second server on the same index gets an error at once.
         self._stack.enter_context(dir_lock(self.state_dir, error=IndexFileError, option="--state-dir"))
         try:
+            self.gallery = engine.load_index(self.index_dir)  # before creating anything: a bad --index leaves no trace
             self.state_dir.mkdir(parents=True, exist_ok=True)
             (self.state_dir / THUMBS_DIR).mkdir(exist_ok=True)
-            self.gallery = engine.load_index(self.index_dir)
             self.journal = Journal(self.state_dir / JOURNAL_FILE, int(self.gallery.meta.get("journal_seq", 0)))
             self._stack.callback(self.journal.close)
         except BaseException:
@@ -123,9 +123,9 @@ class LiveIndex:
             return self.gallery.get(item_id)
 
     def category_names(self) -> list[str]:
+        """Category names that some item in the index has."""
         with self._lock:
-            names = self.gallery.category_names()
-        return sorted(set(names) | set(self.engine.metadata.category_names))
+            return self.gallery.category_names()
 
     def thumbnail(self, item_id: str) -> bytes | None:
         """JPEG bytes of the item's thumbnail, or None when the item is not in the index or has no image."""
