@@ -27,7 +27,7 @@ def test_serve_start_up_mistakes_are_one_line(serve_env, index_copy, tmp_path, c
     assert "missing.onnx" in _one_error_line(capsys)
     assert main(["serve", "--model", str(serve_env["model"]), "--index", str(tmp_path / "nope")]) == 1
     assert "nope" in _one_error_line(capsys)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no state folder or lock left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no state folder or lock left behind
     assert main(["serve", "--model", str(serve_env["model"]), "--index", str(index_copy), "--max-batch", "0"]) == 1
     assert "--max-batch" in _one_error_line(capsys)
     assert main(["serve", "--model", str(serve_env["model"]), "--index", str(index_copy), "--protect-reads"]) == 1
