@@ -27,7 +27,8 @@ from imat.engine.faiss_build import (apply_search_params, as_matrix, build_faiss
                                      to_gpu)
 from imat.engine.index_choice import resolve_index_type
 from imat.engine.index_dir import make_sidecar, now, read_index_dir, write_index_dir
-from imat.engine.index_edit import family, rebuild_without, remove_rows, search_rows
+from imat.engine.index_edit import (can_reconstruct, family, rebuild_without, remove_rows, search_rows,
+                                    search_rows_exact)
 from imat.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 MATCH_MODES = ("any", "all")
 TOMBSTONE_MAX_FRACTION = 0.2  # beyond this share of dead rows an HNSW graph is rebuilt (search cost, memory)
 FILTERED_EF_SEARCH_MAX = 4096  # HNSW efSearch cap when a selective filter asks for more candidates
+# HNSW with a filter that keeps at most this many rows: an exact scan of them (fast, and the graph
+# walk would meet too few allowed nodes to fill k)
+FILTERED_EXACT_MAX_ROWS = 8192
 
 
 @dataclasses.dataclass
@@ -122,6 +126,8 @@ class GalleryIndex:
     def _search_allowed(self, q: np.ndarray, k_eff: int, allowed: np.ndarray, params: dict) -> tuple:
         # On the CPU index: GPU FAISS does not take ID selectors for every type.
         params = dict(params)
+        if family(self.index) == "hnsw" and allowed.sum() <= FILTERED_EXACT_MAX_ROWS and can_reconstruct(self.index):
+            return search_rows_exact(self.index, q, k_eff, np.flatnonzero(allowed))
         if "efSearch" in params:
             # A graph walk keeps only allowed nodes: widen it in proportion to what the filter drops.
             fraction = max(allowed.mean(), 1e-6)

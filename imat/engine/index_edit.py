@@ -13,6 +13,9 @@ them. Per index family:
 
 Restricted search uses FAISS IDSelectorBitmap through SearchParameters(sel=...), which FAISS
 honours for Flat (exact), IVF and HNSW (checked on faiss 1.15.1; tests cover each family).
+HNSW with a selective filter walks the graph past mostly rejected nodes and can return fewer
+than k (FAISS issue #3186), so the caller scans a small allowed set exactly instead
+(`search_rows_exact`, from the stored vectors).
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class RowSelector:
             params = faiss.SearchParametersIVF(sel=self.selector,
                                                nprobe=int(search_params.get("nprobe", inner.nprobe)))
         elif isinstance(inner, faiss.IndexHNSW):
-            params = faiss.SearchParametersHNSW(sel=self.selector,
+            # bounded_queue=True explicitly: FAISS issue #5504 (selector ignored on the unbounded path)
+            params = faiss.SearchParametersHNSW(sel=self.selector, bounded_queue=True,
                                                 efSearch=int(search_params.get("efSearch", inner.hnsw.efSearch)))
         else:
             params = faiss.SearchParameters(sel=self.selector)
@@ -79,6 +83,25 @@ def search_rows(index, queries: np.ndarray, k: int, allowed: np.ndarray,
     sel = RowSelector(index, allowed, search_params)
     scores, ids = index.search(queries, k, params=sel.params)
     return scores, ids
+
+
+def search_rows_exact(index, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product search over `rows` only, from the index's stored vectors (HNSW with
+    a selective filter: the graph walk would meet too few allowed nodes, FAISS issue #3186)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    vectors = index.reconstruct_batch(rows) if rows.size else np.zeros((0, index.d), np.float32)
+    sims = queries.astype(np.float32) @ vectors.T
+    k = min(k, rows.size)
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, top, axis=1).astype(np.float32), rows[top]
+
+
+def can_reconstruct(index) -> bool:
+    try:
+        index.reconstruct(0)
+        return True
+    except RuntimeError:
+        return False
 
 
 def remove_rows(index, rows: np.ndarray):

@@ -81,6 +81,7 @@ class LiveIndex:
         self._write_lock = threading.Lock()  # journal order = apply order
         self._snapshot_lock = threading.Lock()
         self._thumb_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._thumb_lock = threading.Lock()
         replayed = self._replay()
         if replayed:
             self.snapshot()
@@ -139,17 +140,19 @@ class LiveIndex:
             except FileNotFoundError:
                 return None
         key = item["path"]
-        if key in self._thumb_cache:
-            self._thumb_cache.move_to_end(key)
-            return self._thumb_cache[key]
+        with self._thumb_lock:
+            if key in self._thumb_cache:
+                self._thumb_cache.move_to_end(key)
+                return self._thumb_cache[key]
         try:
             data = thumbnail_jpeg(pathlib.Path(item["path"]), self.thumbnail_px)
         except DataError as e:
             logger.warning("no thumbnail for %s: %s", item_id, e)
             return None
-        self._thumb_cache[key] = data
-        while len(self._thumb_cache) > THUMB_CACHE:
-            self._thumb_cache.popitem(last=False)
+        with self._thumb_lock:
+            self._thumb_cache[key] = data
+            while len(self._thumb_cache) > THUMB_CACHE:
+                self._thumb_cache.popitem(last=False)
         return data
 
     def _thumb_path(self, item_id: str) -> pathlib.Path:
