@@ -168,6 +168,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="server decoder threads")
     ap.add_argument("--max-writes", type=int, default=400)
     ap.add_argument("--time-limit-s", type=float, default=300, help="per scenario")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="runs of every scenario, in reversed order each round (a shared machine drifts)")
     args = ap.parse_args(argv)
 
     import logging
@@ -202,37 +204,46 @@ def main(argv=None) -> None:
         in_batched = len(queries) / (time.perf_counter() - t0)
         del engine, g
 
-        rows = []
-        for name, extra, writes in (("batching on", [], False), ("batching off", ["--no-batching"], False),
-                                    ("batching on + writes", [], True), ("batching off + writes", ["--no-batching"], True)):
-            index_dir = tmp / f"index-{len(rows)}"
-            subprocess.run(["cp", "-r", str(tmp / "index"), str(index_dir)], check=True)
-            proc, url = start_server(model, index_dir, ["--max-batch", str(args.max_batch), "--max-wait-ms",
-                                                        str(args.max_wait_ms), "--threads", str(args.threads),
-                                                        "--queue-limit", "1024", *extra], tmp / "server.log")
-            try:
-                import httpx
+        scenarios = [("batching on", [], False), ("batching off", ["--no-batching"], False),
+                     ("batching on + writes", [], True), ("batching off + writes", ["--no-batching"], True)]
+        results: dict[str, list[dict]] = {name: [] for name, _, _ in scenarios}
+        for round_no in range(args.rounds):
+            for name, extra, writes in (scenarios if round_no % 2 == 0 else scenarios[::-1]):
+                index_dir = tmp / f"index-{round_no}-{len(results[name])}-{extra}-{writes}"
+                subprocess.run(["cp", "-r", str(tmp / "index"), str(index_dir)], check=True)
+                proc, url = start_server(model, index_dir, ["--max-batch", str(args.max_batch), "--max-wait-ms",
+                                                            str(args.max_wait_ms), "--threads", str(args.threads),
+                                                            "--queue-limit", "1024", *extra], tmp / "server.log")
+                try:
+                    import httpx
 
-                httpx.post(url + "/v1/search", files=[("image", ("q.jpg", query_bytes[0], "image/jpeg"))])  # warm-up
-                r = load(url, query_bytes, args.clients, args.requests, args.k, writes, write_bytes, args.max_writes,
-                         args.time_limit_s)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
-            rows.append((name, r))
-            print(f"{name}: {r['rps']:.1f} req/s", file=sys.stderr)
+                    httpx.post(url + "/v1/search", files=[("image", ("q.jpg", query_bytes[0], "image/jpeg"))])
+                    r = load(url, query_bytes, args.clients, args.requests, args.k, writes, write_bytes,
+                             args.max_writes, args.time_limit_s)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=60)
+                results[name].append(r)
+                print(f"round {round_no + 1}: {name}: {r['rps']:.1f} req/s", file=sys.stderr)
+        rows = []
+        for name, _, _ in scenarios:
+            runs = results[name]
+            merged = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+            merged["per_round"] = " / ".join(f"{r['rps']:.1f}" for r in runs)
+            rows.append((name, merged))
 
     print(f"\nmodel: {model_desc}; {len(gallery)}-photo Flat index of {source}; {len(queries)} distinct queries; "
           f"{args.clients} clients x {args.requests} searches (k={args.k}); --max-batch {args.max_batch} "
           f"--max-wait-ms {args.max_wait_ms:g} --threads {args.threads}; {os.cpu_count()} CPUs\n")
     print(f"in-process Engine.search, one photo per call: {in_rps:.1f} req/s (p50 {np.percentile(lat_in_ms, 50):.1f} ms, "
           f"p99 {np.percentile(lat_in_ms, 99):.1f} ms); all {len(queries)} queries in one call: {in_batched:.1f} images/s\n")
+    print(f"medians over {args.rounds} rounds (req/s of each round in the last column)\n")
     print("| scenario | searches | req/s | vs in-process | p50 ms | p95 ms | p99 ms | model calls (searches + adds) "
-          "| writes/s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| writes/s | req/s by round |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, r in rows:
-        print(f"| {name} | {r['requests']} | {r['rps']:.1f} | {r['rps'] / in_rps:.2f}x | {r['p50']:.0f} | "
-              f"{r['p95']:.0f} | {r['p99']:.0f} | {r['model_calls']} | {r['writes_s']:.1f} |")
+        print(f"| {name} | {r['requests']:.0f} | {r['rps']:.1f} | {r['rps'] / in_rps:.2f}x | {r['p50']:.0f} | "
+              f"{r['p95']:.0f} | {r['p99']:.0f} | {r['model_calls']:.0f} | {r['writes_s']:.1f} | {r['per_round']} |")
 
 
 if __name__ == "__main__":
