@@ -69,7 +69,7 @@ common_threads = click.option(
 
 @click.command("index")
 @common_model
-@click.option("--images", "images", required=True, type=click.Path(path_type=pathlib.Path),
+@click.option("--images", "images", type=click.Path(path_type=pathlib.Path), default=None,
               help="A folder of images, or a Kaggle folder (train.csv present: labels are stored).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Index folder to write.")
 @click.option("--index-type", default="auto", show_default=True,
@@ -77,13 +77,25 @@ common_threads = click.option(
 @click.option("--memory-budget-mb", type=float, default=None, help="Memory budget for auto index choice.")
 @click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
               help="Assert the resize mode (default: the model's own, from its metadata); another mode is refused.")
+@click.option("--add", "add", is_flag=True, default=False,
+              help="Append the --images to the existing index --out instead of building a new one.")
+@click.option("--remove", "remove_ids", multiple=True, metavar="ID",
+              help="Remove the item with this id from the index --out (repeatable; no --images).")
 @common_batch
 @common_threads
-def index(model, images, out, index_type, memory_budget_mb, resize_mode, batch_size, threads):
-    """Embed a folder of images and build a FAISS index."""
+def index(model, images, out, index_type, memory_budget_mb, resize_mode, add, remove_ids, batch_size, threads):
+    """Embed a folder of images and build a FAISS index (or --add to it, or --remove items from it)."""
     from imat.engine.gallery import folder_items
 
     engine = _engine(model, batch_size, threads, resize_mode)  # a model/resize-mode mismatch fails first
+    if remove_ids:
+        if images is not None or add:
+            raise ConfigError("--remove takes no --images and no --add; run them as two commands")
+        gallery = engine.remove_from_index(out, list(remove_ids))
+        click.echo(f"removed {len(set(remove_ids))} ids from {out}; {gallery.count} items left")
+        return
+    if images is None:
+        raise ConfigError("give --images FOLDER (to build or --add), or --remove ID to remove items")
     found = folder_items(images)
     if found.problems:
         click.echo(found.problems, err=True)
@@ -92,6 +104,13 @@ def index(model, images, out, index_type, memory_budget_mb, resize_mode, batch_s
         click.echo(f"{images}: Kaggle folder, {len(found.items)} labelled images", err=True)
     items, ids, labels = found.items, found.ids, found.labels
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
+    if add:
+        before = engine.load_index(out).count
+        gallery = engine.add_to_index(out, items, labels=labels, ids=ids)
+        result = engine.last_result
+        _summarise_errors(result.errors, "images")
+        click.echo(f"added {gallery.count - before} images to {out} ({gallery.count} items, {gallery.index_type})")
+        return
     gallery = engine.build_index(items, out, index_type=index_type, labels=labels, ids=ids,
                                  memory_budget_bytes=budget)
     result = engine.last_result
@@ -113,9 +132,13 @@ def index(model, images, out, index_type, memory_budget_mb, resize_mode, batch_s
 @click.option("--out", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Results JSONL to write.")
 @click.option("--html", "html_out", type=click.Path(path_type=pathlib.Path), default=None,
               help="Also write an HTML gallery of the results.")
+@click.option("--category", "categories", multiple=True, metavar="NAME",
+              help="Return only items of this category (repeatable; see --match).")
+@click.option("--match", "match", type=click.Choice(["any", "all"]), default="any", show_default=True,
+              help="With several --category: items having any of them, or all of them.")
 @common_batch
 @common_threads
-def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, threads):
+def search(model, index_dir, batch_dir, queries, k, out, html_out, categories, match, batch_size, threads):
     """Search an index with one or more images, or a folder of queries (--batch)."""
     from imat.data_tools.images import is_image_name
     from imat.engine.records import jsonl_text
@@ -144,7 +167,12 @@ def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, t
         raise ConfigError(f"--k must be >= 1, got {k}")
     engine = _engine(model, batch_size, threads)
     gallery = engine.load_index(index_dir)  # fingerprint check before any embedding work
-    records = engine.search(items, k=k, index=gallery)
+    if categories:
+        unknown = sorted(set(categories) - set(gallery.category_names()))
+        if unknown and gallery.labelled:
+            click.echo(f"note: no item of {index_dir} has category {', '.join(unknown)} "
+                       f"(known: {', '.join(gallery.category_names()[:10])})", err=True)
+    records = engine.search(items, k=k, index=gallery, categories=list(categories) or None, match=match)
     atomic_write_text(out, jsonl_text(records))
     if html_out:
         write_html_report(records, html_out, title=f"imat search: {index_dir}")

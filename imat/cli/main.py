@@ -23,6 +23,7 @@ COMMANDS = {
     "index": "imat.cli.engine:index",
     "search": "imat.cli.engine:search",
     "eval": "imat.cli.engine:evaluate",
+    "serve": "imat.cli.serve:serve",
     "demo": "imat.cli.demo:demo",
 }
 
@@ -33,6 +34,7 @@ HELP = {
     "index": "Embed a folder of images and build a FAISS index.",
     "search": "Search an index with one image or a folder of queries.",
     "eval": "Leave-one-out retrieval evaluation on a labelled folder.",
+    "serve": "Serve search, add and delete over HTTP, with a search page.",
     "demo": "Run the whole pipeline on synthetic data (the default main job).",
 }
 

@@ -217,11 +217,23 @@ class Engine:
             logger.warning("none of the %d new items could be embedded; index unchanged", len(items))
         return gallery
 
+    def remove_from_index(self, directory, ids: Sequence[str]) -> GalleryIndex:
+        """Remove the items with these ids from an index folder (written atomically); DataError for an unknown id."""
+        gallery = self.load_index(directory)
+        removed = gallery.remove(ids)
+        gallery.save(directory)
+        logger.info("removed %d rows from %s", removed, directory)
+        return gallery
+
     # ------------------------------------------------------------ search and evaluation
 
     def search(self, items: Sequence[Any], k: int = 10, index: GalleryIndex | str | os.PathLike | None = None,
-               *, min_score: float | None = None) -> list[dict]:
-        """One result record per query (see imat.engine.search); bad queries get an `error` record."""
+               *, min_score: float | None = None, categories: Sequence[str] | None = None,
+               match: str = "any") -> list[dict]:
+        """One result record per query (see imat.engine.search); bad queries get an `error` record.
+
+        categories / match: return only items having any (match="any") or all ("all") of these names.
+        """
         if index is None:
             raise ConfigError("search needs an index (a GalleryIndex or an index folder)")
         gallery = index if isinstance(index, GalleryIndex) else self.load_index(index)
@@ -239,6 +251,8 @@ class Engine:
             k,
             category_names=self.metadata.category_names,
             probabilities=result.probabilities,
+            categories=categories,
+            match=match,
             **kwargs,
         )
 

@@ -61,6 +61,8 @@ _STR_KEYS = ("index_type", "model_fingerprint", "model_architecture", "created",
 _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "search_params": (dict,), "files": (dict,), "skipped": (int,), "labelled": (bool,),
     "updated": (str,), "image_size": (int,), "resize_mode": (str,), "model_objective": (str,),
+    # the last `imat serve` journal entry folded into this folder (imat.serve.journal)
+    "journal_seq": (int,),
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HASH_CHUNK = 1 << 20
