@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from imat.data_tools.garments import GarmentCrop
 from imat.engine.embedder import EmbedError, EmbedResult, default_decode_threads, embed_items, item_label
 from imat.engine.evaluate import evaluate_embeddings
 from imat.engine.gallery_index import GalleryIndex, build_gallery_index, load_index
@@ -90,14 +91,18 @@ class Engine:
 
     # ------------------------------------------------------------ indexes
 
-    def _item_records(self, items, ok_indices, ids, labels) -> list[dict]:
+    def _item_records(self, items, ok_indices, ids, labels, item_fields=None) -> list[dict]:
         records = []
         for row, i in enumerate(ok_indices):
             i = int(i)
             rec: dict = {"id": str(ids[i]) if ids is not None else default_item_id(items[i], i)}
             rec["path"] = str(items[i]) if isinstance(items[i], (str, os.PathLike)) else None
+            if isinstance(items[i], GarmentCrop):   # a garment: its photo and its box there
+                rec["path"], rec["box"] = str(items[i].path), list(items[i].box)
             if labels is not None:
                 rec["categories"] = self._category_names(labels[i], where=rec["id"])
+            if item_fields is not None:
+                rec.update(item_fields[i])
             records.append(rec)
         return records
 
@@ -127,8 +132,13 @@ class Engine:
         ids: Sequence[str] | None = None,
         *,
         memory_budget_bytes: int | None = None,
+        item_fields: Sequence[dict] | None = None,
+        extra_meta: dict | None = None,
     ) -> GalleryIndex:
-        """Embed `items`, build the index and write it (atomically) to `out_dir`. Bad items are skipped."""
+        """Embed `items`, build the index and write it (atomically) to `out_dir`. Bad items are skipped.
+
+        `item_fields[i]`: more fields of item i's record (garments: category, attributes);
+        `extra_meta`: more sidecar fields."""
         items = list(items)
         if not items:
             raise DataError(f"no images to index for {out_dir}")
@@ -137,7 +147,7 @@ class Engine:
         if result.embeddings.shape[0] == 0:
             first = result.errors[0] if result.errors else None
             raise DataError(f"none of the {len(items)} images could be read (first: {first}); nothing to index")
-        records = self._item_records(items, result.ok_indices, ids, labels)
+        records = self._item_records(items, result.ok_indices, ids, labels, item_fields)
         gallery = build_gallery_index(
             result.embeddings,
             records,
@@ -151,6 +161,7 @@ class Engine:
                 "resize_mode": self.metadata.resize_mode,
                 "labelled": labels is not None,
                 "skipped": len(result.errors),
+                **(extra_meta or {}),
             },
         )
         gallery.save(out_dir)
@@ -258,6 +269,79 @@ class Engine:
             logger.warning("model categories differ from the dataset's; model F1 not reported")
             return None
         return probabilities[:, [col[n] for n in names]]
+
+    # ------------------------------------------------------------ garments
+
+    @property
+    def is_garment_model(self) -> bool:
+        """The model was trained on garment crops (`imat data prepare --garments`)."""
+        return str(self.metadata.extra.get("garment_model", "")).lower() == "true"
+
+    @property
+    def garment_padding(self) -> float:
+        """The crop padding the model was trained with (its metadata), else the default."""
+        from imat.data_tools.garments import DEFAULT_PADDING
+
+        raw = self.metadata.extra.get("garment_padding")
+        try:
+            return float(raw) if raw is not None else DEFAULT_PADDING
+        except ValueError:
+            logger.warning("%s: metadata garment_padding %r is not a number; using %s", self.model_path, raw,
+                           DEFAULT_PADDING)
+            return DEFAULT_PADDING
+
+    def garment_items(self, kaggle_root, options=None):
+        """(GarmentSet, crops named `<ImageId>:<k>` padded as this model was trained) of a Kaggle folder."""
+        from imat.data_tools.garments import GarmentOptions, crops_of, read_garments
+
+        gs = read_garments(kaggle_root, options or GarmentOptions(padding=self.garment_padding))
+        return gs, crops_of(gs, self.garment_padding)
+
+    def build_garment_index(self, kaggle_root, out_dir, index_type: str = "auto", *, options=None,
+                            memory_budget_bytes: int | None = None) -> GalleryIndex:
+        """One row per garment of a Kaggle folder (id `<ImageId>:<k>`; path, box, category, attributes)."""
+        gs, crops = self.garment_items(kaggle_root, options)
+        cat_name = dict(zip(gs.labels.category_ids, gs.labels.category_names))
+        attr_name = dict(zip(gs.labels.attribute_ids, gs.labels.attribute_names))
+        fields = [{"category": cat_name[g.category_id], "attributes": [attr_name[a] for a in g.attribute_ids],
+                   "image_id": g.image_id} for g in gs.garments]
+        return self.build_index(crops, out_dir, index_type=index_type, labels=[[f["category"]] for f in fields],
+                                ids=[c.name for c in crops], memory_budget_bytes=memory_budget_bytes,
+                                item_fields=fields,
+                                extra_meta={"garments": True, "garment_padding": self.garment_padding,
+                                            "garment_counts": gs.counts()})
+
+    def evaluate_garments(self, kaggle_root, k: int = 10, *, options=None, baseline_samples: int = 5,
+                          seed: int = 0) -> dict:
+        """Leave-one-photo-out retrieval over the garments of a labelled Kaggle folder (see
+        `evaluate.evaluate_garment_embeddings`)."""
+        from imat.engine.evaluate import evaluate_garment_embeddings
+
+        if k < 1:
+            raise ConfigError(f"--k must be >= 1, got {k}")
+        gs, crops = self.garment_items(kaggle_root, options)
+        result = self.embed_result(crops, desc="evaluating garments")
+        garments = [gs.garments[int(i)] for i in result.ok_indices]
+        labels = np.stack([gs.labels.categories_to_multihot([g.category_id]) for g in garments])
+        attributes = np.stack([gs.labels.attributes_to_multihot(g.attribute_ids) for g in garments])
+        probabilities = None
+        if result.probabilities is not None:
+            probabilities = self._probabilities_in(gs.labels.category_names, result.probabilities)
+        out = evaluate_garment_embeddings(
+            result.embeddings, labels, [g.image_id for g in garments], k,
+            attributes=attributes if attributes.any() else None, probabilities=probabilities,
+            baseline_samples=baseline_samples, seed=seed)
+        out.update({
+            "root": str(kaggle_root),
+            "model": str(self.model_path),
+            "garment_model": self.is_garment_model,
+            "garment_padding": self.garment_padding,
+            "garments": len(gs.garments),
+            "garment_counts": gs.counts(),
+            "skipped_images": [str(e) for e in result.errors],
+            "images_per_s": result.timings.images_per_s,
+        })
+        return out
 
 
 __all__ = ["Engine", "EmbedError", "item_label", "default_item_id"]
