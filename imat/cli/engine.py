@@ -81,23 +81,41 @@ def _garment_root(images: pathlib.Path, option: str = "--images") -> None:
 
 @click.command("index")
 @common_model
-@click.option("--images", "images", required=True, type=click.Path(path_type=pathlib.Path),
+@click.option("--images", "images", type=click.Path(path_type=pathlib.Path), default=None,
               help="A folder of images, or a Kaggle folder (train.csv present: labels are stored).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Index folder to write.")
 @click.option("--index-type", default="auto", show_default=True,
               help="FAISS factory string (Flat, HNSW32,Flat, IVF1024,PQ32, ...) or auto.")
 @click.option("--memory-budget-mb", type=float, default=None, help="Memory budget for auto index choice.")
+@click.option("--add", "add", is_flag=True, default=False,
+              help="Append the --images to the existing index --out instead of building a new one.")
+@click.option("--remove", "remove_ids", multiple=True, metavar="ID",
+              help="Remove the item with this id from the index --out (repeatable; no --images).")
 @common_batch
 @common_threads
 @garment_flag
 @garment_parts
 @garment_min_area
-def index(model, images, out, index_type, memory_budget_mb, batch_size, threads, garments=False, keep_parts=False,
-          min_mask_area=None):
-    """Embed a folder of images and build a FAISS index (--garments: one row per garment)."""
+def index(model, images, out, index_type, memory_budget_mb, add, remove_ids, batch_size, threads, garments=False,
+          keep_parts=False, min_mask_area=None):
+    """Embed a folder of images and build a FAISS index (or --add to it, or --remove items from it).
+
+    --garments: one row per garment of a Kaggle folder (id <ImageId>:<k>; path, box, category, attributes).
+    """
     from imat.engine.gallery import folder_items
 
+    if remove_ids:
+        if images is not None or add:
+            raise ConfigError("--remove takes no --images and no --add; run them as two commands")
+        engine = _engine(model, batch_size, threads)
+        gallery = engine.remove_from_index(out, list(remove_ids))
+        click.echo(f"removed {len(set(remove_ids))} ids from {out}; {gallery.count} items left")
+        return
+    if images is None:
+        raise ConfigError("give --images FOLDER (to build or --add), or --remove ID to remove items")
     if garments:
+        if add:
+            raise ConfigError("--garments builds a new garment index; --add with --garments is not supported")
         _garment_root(images)
         engine = _engine(model, batch_size, threads)
         options = _garment_options(engine, garments, keep_parts, min_mask_area)
@@ -123,6 +141,13 @@ def index(model, images, out, index_type, memory_budget_mb, batch_size, threads,
     items, ids, labels = found.items, found.ids, found.labels
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
     engine = _engine(model, batch_size, threads)
+    if add:
+        before = engine.load_index(out).count
+        gallery = engine.add_to_index(out, items, labels=labels, ids=ids)
+        result = engine.last_result
+        _summarise_errors(result.errors, "images")
+        click.echo(f"added {gallery.count - before} images to {out} ({gallery.count} items, {gallery.index_type})")
+        return
     gallery = engine.build_index(items, out, index_type=index_type, labels=labels, ids=ids,
                                  memory_budget_bytes=budget)
     result = engine.last_result
@@ -144,6 +169,10 @@ def index(model, images, out, index_type, memory_budget_mb, batch_size, threads,
 @click.option("--out", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Results JSONL to write.")
 @click.option("--html", "html_out", type=click.Path(path_type=pathlib.Path), default=None,
               help="Also write an HTML gallery of the results.")
+@click.option("--category", "categories", multiple=True, metavar="NAME",
+              help="Return only items of this category (repeatable; see --match).")
+@click.option("--match", "match", type=click.Choice(["any", "all"]), default="any", show_default=True,
+              help="With several --category: items having any of them, or all of them.")
 @common_batch
 @common_threads
 @click.option("--box", "box", default=None, metavar="X0,Y0,X1,Y1",
@@ -151,12 +180,16 @@ def index(model, images, out, index_type, memory_budget_mb, batch_size, threads,
 @garment_flag
 @garment_parts
 @garment_min_area
-def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, threads, box=None, garments=False,
-           keep_parts=False, min_mask_area=None):
+@click.option("--any-category", is_flag=True,
+              help="Garment queries (--box, --garments): search every category, not only the query's "
+                   "predicted one (the default when the model has a classifier and no --category is given).")
+def search(model, index_dir, batch_dir, queries, k, out, html_out, categories, match, batch_size, threads, box=None,
+           garments=False, keep_parts=False, min_mask_area=None, any_category=False):
     """Search an index with one or more images, or a folder of queries (--batch).
 
     --box X0,Y0,X1,Y1 searches with one region of one photo; --batch KAGGLE_DIR --garments searches
-    with every garment of every photo there (query ids <ImageId>:<k>).
+    with every garment of every photo there (query ids <ImageId>:<k>). A garment query searches within
+    its predicted category (when the model has a classifier) unless --category or --any-category is given.
     """
     from imat.data_tools.kaggle import IMAGE_EXTENSIONS
     from imat.engine.report import write_html_report
@@ -186,7 +219,18 @@ def search(model, index_dir, batch_dir, queries, k, out, html_out, batch_size, t
     if box is None and not garments:
         engine = _engine(model, batch_size, threads)
     gallery = engine.load_index(index_dir)  # fingerprint check before any embedding work
-    records = engine.search(items, k=k, index=gallery)
+    if categories:
+        unknown = sorted(set(categories) - set(gallery.category_names()))
+        if unknown and gallery.labelled:
+            click.echo(f"note: no item of {index_dir} has category {', '.join(unknown)} "
+                       f"(known: {', '.join(gallery.category_names()[:10])})", err=True)
+    garment_queries = box is not None or garments
+    if any_category and not garment_queries:
+        raise ConfigError("--any-category applies to garment queries (--box or --garments)")
+    if garment_queries and not categories and not any_category:
+        records = engine.search_within_predicted(items, k=k, index=gallery)
+    else:
+        records = engine.search(items, k=k, index=gallery, categories=list(categories) or None, match=match)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     if html_out:
         write_html_report(records, html_out, title=f"imat search: {index_dir}")

@@ -17,7 +17,7 @@ from imat.data_tools.garments import GarmentCrop
 from imat.engine.embedder import EmbedError, EmbedResult, default_decode_threads, embed_items, item_label
 from imat.engine.evaluate import evaluate_embeddings
 from imat.engine.gallery_index import GalleryIndex, build_gallery_index, load_index
-from imat.engine.search import search_records
+from imat.engine.search import garment_query_fields, query_name, search_records
 from imat.engine.session import ModelSession
 from imat.errors import ConfigError, DataError, IndexFileError
 
@@ -204,11 +204,23 @@ class Engine:
             logger.warning("none of the %d new items could be embedded; index unchanged", len(items))
         return gallery
 
+    def remove_from_index(self, directory, ids: Sequence[str]) -> GalleryIndex:
+        """Remove the items with these ids from an index folder (written atomically); DataError for an unknown id."""
+        gallery = self.load_index(directory)
+        removed = gallery.remove(ids)
+        gallery.save(directory)
+        logger.info("removed %d rows from %s", removed, directory)
+        return gallery
+
     # ------------------------------------------------------------ search and evaluation
 
     def search(self, items: Sequence[Any], k: int = 10, index: GalleryIndex | str | os.PathLike | None = None,
-               *, min_score: float | None = None) -> list[dict]:
-        """One result record per query (see imat.engine.search); bad queries get an `error` record."""
+               *, min_score: float | None = None, categories: Sequence[str] | None = None,
+               match: str = "any") -> list[dict]:
+        """One result record per query (see imat.engine.search); bad queries get an `error` record.
+
+        categories / match: return only items having any (match="any") or all ("all") of these names.
+        """
         if index is None:
             raise ConfigError("search needs an index (a GalleryIndex or an index folder)")
         gallery = index if isinstance(index, GalleryIndex) else self.load_index(index)
@@ -226,6 +238,8 @@ class Engine:
             k,
             category_names=self.metadata.category_names,
             probabilities=result.probabilities,
+            categories=categories,
+            match=match,
             **kwargs,
         )
 
@@ -310,6 +324,56 @@ class Engine:
                                 item_fields=fields,
                                 extra_meta={"garments": True, "garment_padding": self.garment_padding,
                                             "garment_counts": gs.counts()})
+
+    def search_within_predicted(self, items: Sequence[Any], k: int = 10,
+                                index: GalleryIndex | str | os.PathLike | None = None) -> list[dict]:
+        """Search each query only among items of its predicted category (the model's top probability).
+
+        Each record says so: "category_filter": [name], "category_filter_source": "model". Without a
+        classifier head, or on an unlabelled index, or when no item has the predicted category, the
+        query searches every item and its record has "category_filter": null with the reason.
+        """
+        if index is None:
+            raise ConfigError("search needs an index (a GalleryIndex or an index folder)")
+        gallery = index if isinstance(index, GalleryIndex) else self.load_index(index)
+        if k < 1:
+            raise ConfigError(f"--k must be >= 1, got {k}")
+        items = list(items)
+        result = self.embed_result(items, desc="searching")
+        names = list(self.metadata.category_names)
+        known = set(gallery.category_names()) if gallery.labelled else set()
+        groups: dict[str | None, list[int]] = {}
+        predicted: dict[int, tuple[str | None, str]] = {}
+        for row, q in enumerate(result.ok_indices):
+            why = "the model has no classifier" if result.probabilities is None else \
+                "the index has no categories" if not gallery.labelled else ""
+            name = None
+            if not why:
+                name = names[int(np.argmax(result.probabilities[row]))]
+                if name not in known:
+                    why, name = f"no item of the index has the predicted category {name!r}", None
+            predicted[int(q)] = (name, why)
+            groups.setdefault(name, []).append(row)
+        records: list[dict | None] = [None] * len(items)
+        for name, rows in groups.items():
+            rows_arr = np.asarray(rows, dtype=np.int64)
+            sub_items = [items[int(result.ok_indices[r])] for r in rows]
+            sub = search_records(
+                gallery, sub_items, result.embeddings[rows_arr], np.arange(len(rows)), [], k,
+                category_names=self.metadata.category_names,
+                probabilities=None if result.probabilities is None else result.probabilities[rows_arr],
+                categories=None if name is None else [name], match="any")
+            for r, rec in zip(rows, sub):
+                q = int(result.ok_indices[r])
+                rec["query"] = query_name(items[q], q)
+                rec["category_filter"] = None if name is None else [name]
+                rec["category_filter_source"] = "model" if name is not None else predicted[q][1]
+                records[q] = rec
+        for err in result.errors:
+            records[err.index] = {"query": query_name(items[err.index], err.index), "results": [],
+                                  "predicted_categories": [], "error": err.message,
+                                  **garment_query_fields(items[err.index])}
+        return records  # type: ignore[return-value]
 
     def evaluate_garments(self, kaggle_root, k: int = 10, *, options=None, baseline_samples: int = 5,
                           seed: int = 0) -> dict:

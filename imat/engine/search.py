@@ -79,9 +79,14 @@ def search_records(
     category_names: Sequence[str] = (),
     probabilities: np.ndarray | None = None,
     min_score: float = PREDICTION_MIN_SCORE,
+    categories: Sequence[str] | None = None,
+    match: str = "any",
 ) -> list[dict]:
-    """One record per query, in query order; queries that failed to embed get an `error` record."""
-    scores, ids = index.search(embeddings, k)
+    """One record per query, in query order; queries that failed to embed get an `error` record.
+
+    categories / match: only items having any / all of these category names (GalleryIndex.search).
+    """
+    scores, ids = index.search(embeddings, k, categories=categories, match=match)
     names = label_space(index, category_names)
     labels = item_label_matrix(index, names)
     votes = neighbour_votes(ids, scores, labels) if labels is not None and len(ids) else None

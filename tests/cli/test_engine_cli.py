@@ -137,3 +137,39 @@ def test_bad_index_type_is_one_line(setup, capsys, tmp_path):
     assert main(["index", "--model", str(setup["model"]), "--images", str(setup["photos"]),
                  "--out", str(tmp_path / "idx"), "--index-type", "IVF4096,Flat"]) == 1
     assert "needs at least 4096 vectors" in one_error_line(capsys)
+
+
+def test_index_add_remove_and_category_search(setup, capsys, tmp_path):
+    from imat.data_tools.synthetic import write_synthetic
+
+    s = setup
+    ds = write_synthetic(tmp_path / "ds", 12, seed=2, min_side=48, max_side=80, large_fraction=0.0)
+    idx = tmp_path / "idx"
+    assert main(["index", "--model", str(s["model"]), "--images", str(ds), "--out", str(idx)]) == 0
+    items = [json.loads(x) for x in (idx / "items.jsonl").read_text().splitlines()]
+    more = write_synthetic(tmp_path / "more", 4, seed=9, min_side=48, max_side=80, large_fraction=0.0)
+    capsys.readouterr()
+    assert main(["index", "--model", str(s["model"]), "--images", str(more), "--out", str(idx), "--add"]) == 0
+    assert "added 4 images" in capsys.readouterr().out
+    gone = items[0]["id"]
+    assert main(["index", "--model", str(s["model"]), "--out", str(idx), "--remove", gone]) == 0
+    after = [json.loads(x) for x in (idx / "items.jsonl").read_text().splitlines()]
+    assert len(after) == 15 and gone not in {it["id"] for it in after}
+
+    name = after[0]["categories"][0]
+    out = tmp_path / "res.jsonl"
+    rc = main(["search", "--model", str(s["model"]), "--index", str(idx), "--batch", str(s["queries"]),
+               "--k", "20", "--out", str(out), "--category", name])
+    assert rc == 0, capsys.readouterr().err
+    by_id = {it["id"]: it for it in after}
+    having = sum(name in it["categories"] for it in after)
+    for rec in (json.loads(x) for x in out.read_text().splitlines()):
+        if "error" not in rec:
+            assert len(rec["results"]) == having
+            assert all(name in by_id[r["id"]]["categories"] for r in rec["results"])
+
+    capsys.readouterr()
+    assert main(["index", "--model", str(s["model"]), "--out", str(idx), "--remove", "no-such-id"]) == 1
+    assert "no-such-id" in one_error_line(capsys)
+    assert main(["index", "--model", str(s["model"]), "--out", str(idx)]) == 1
+    assert "--images" in one_error_line(capsys)

@@ -152,10 +152,16 @@ def test_search_cli_box_and_bad_boxes_on_a_real_photo(tmp_path, tiny_model, real
     assert main(["search", "--model", str(tiny_model), "--index", str(idx), str(photo), "--box",
                  f"10,20,{w // 2},{h // 2}", "--out", str(out), "--html", str(html), "--k", "3"]) == 0
     rec = json.loads(out.read_text().splitlines()[0])
-    assert rec["box"] == [10, 20, w // 2, h // 2] and len(rec["results"]) == 3
+    assert rec["box"] == [10, 20, w // 2, h // 2] and rec["results"]
+    assert "category_filter" in rec and "category_filter_source" in rec     # says where it searched
+    assert all(r["category"] == rec["category_filter"][0] for r in rec["results"]) if rec["category_filter"] else True
     assert all("box" in r and "category" in r for r in rec["results"])
     page = html.read_text()
-    assert page.count('class="parent"') == 4    # the query and its 3 results, each drawn on its photo
+    assert page.count('class="parent"') == 1 + len(rec["results"])   # query and results, each drawn on its photo
+    any_cat = tmp_path / "any.jsonl"
+    assert main(["search", "--model", str(tiny_model), "--index", str(idx), str(photo), "--box",
+                 f"10,20,{w // 2},{h // 2}", "--out", str(any_cat), "--k", "3", "--any-category"]) == 0
+    assert len(json.loads(any_cat.read_text())["results"]) == 3
     capsys.readouterr()
     for bad, why in ((f"0,0,{w + 1},{h}", "outside the photo"), ("5,5,5,9", "zero area"),
                      ("50,5,10,9", "x1 < x0"), ("1,2,three,4", "not four numbers"), ("1,2,3", "four")):
@@ -184,3 +190,49 @@ def test_garment_options_without_garments_are_errors(tmp_path, tiny_model, kaggl
                  "--keep-parts"]) != 0
     with pytest.raises(ConfigError):
         G.check_box((0, 0, 0, 0), 10, 10)
+
+
+def test_category_restricted_garment_search_matches_brute_force(engine, garment_index, kaggle_dir):
+    gallery = engine.load_index(garment_index)
+    vectors = gallery.index.reconstruct_n(0, gallery.count)
+    _, crops = engine.garment_items(kaggle_dir)
+    queries = crops[:8]
+    q = engine.embed(queries)
+    cats = [it["category"] for it in gallery.items]
+    for name in sorted(set(cats))[:3]:
+        records = engine.search(queries, k=4, index=gallery, categories=[name])
+        rows = np.flatnonzero(np.array(cats) == name)
+        for rec, qv in zip(records, q):
+            scores = vectors[rows] @ qv
+            want = [gallery.items[int(rows[j])]["id"] for j in np.argsort(-scores, kind="stable")[:4]]
+            assert [r["id"] for r in rec["results"]] == want
+            assert all(r["category"] == name for r in rec["results"])
+
+
+def test_garment_queries_search_within_their_predicted_category_and_say_so(engine, garment_index, kaggle_dir):
+    gallery = engine.load_index(garment_index)
+    _, crops = engine.garment_items(kaggle_dir)
+    names = list(engine.metadata.category_names)
+    probs = engine.embed_result(crops[:10]).probabilities
+    known = set(gallery.category_names())
+    records = engine.search_within_predicted(crops[:10], k=3, index=gallery)
+    assert [r["query"] for r in records] == [c.name for c in crops[:10]]
+    for rec, p in zip(records, probs):
+        top = names[int(np.argmax(p))]
+        if top in known:
+            assert rec["category_filter"] == [top] and rec["category_filter_source"] == "model"
+            assert rec["results"] and all(r["category"] == top for r in rec["results"])
+        else:
+            assert rec["category_filter"] is None and top in rec["category_filter_source"]
+            assert len(rec["results"]) == 3
+
+
+def test_search_within_predicted_without_a_classifier_searches_everything(tmp_path, make_model, kaggle_dir):
+    from imat.engine import Engine
+
+    engine = Engine(make_model(tmp_path / "m.onnx", probabilities=False), decode_threads=1, progress=False)
+    gallery = engine.build_garment_index(kaggle_dir, tmp_path / "idx")
+    _, crops = engine.garment_items(kaggle_dir)
+    rec = engine.search_within_predicted(crops[:1], k=3, index=gallery)[0]
+    assert rec["category_filter"] is None and "no classifier" in rec["category_filter_source"]
+    assert len(rec["results"]) == 3
