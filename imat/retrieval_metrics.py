@@ -15,6 +15,12 @@ Definitions (per query, averaged over queries; k = cut-off):
 - NDCG@k = DCG / IDCG with graded gain = Jaccard, discount 1/log2(rank+1); IDCG from
   the k best Jaccard values in the gallery (excluding the query); averaged over
   queries with IDCG > 0
+
+Garments (`imat eval --garments`): `query_groups` / `gallery_groups` (the parent photo of each
+row) exclude every gallery row of the query's own photo, as the query itself is excluded; with
+`query_attributes` / `gallery_attributes`, NDCG's graded gain of a relevant item is
+0.5 + 0.5 x the Jaccard of the two attribute sets when both have attributes (else 1), times the
+category Jaccard: a same-category garment with the same attributes gains most.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ def retrieval_metrics(
     exclude: np.ndarray | None = None,
     threshold: float = RELEVANCE_THRESHOLD,
     chunk: int = 1024,
+    query_groups: np.ndarray | None = None,
+    gallery_groups: np.ndarray | None = None,
+    query_attributes: np.ndarray | None = None,
+    gallery_attributes: np.ndarray | None = None,
 ) -> dict:
     """mAP@k, precision@k, recall@k, NDCG@k of `retrieved` (int[Q,>=k] gallery rows; -1 = empty slot).
 
@@ -56,6 +66,13 @@ def retrieval_metrics(
         ex = exclude[start:stop]
         has_ex = ex >= 0
         jac[rows[has_ex], ex[has_ex]] = -1.0  # never relevant, never in the ideal ranking
+        if query_groups is not None:  # the query's own photo: never relevant either
+            jac[np.asarray(query_groups)[start:stop, None] == np.asarray(gallery_groups)[None, :]] = -1.0
+        gain = jac
+        if query_attributes is not None:
+            qa, ga = np.asarray(query_attributes)[start:stop] > 0, np.asarray(gallery_attributes) > 0
+            both = qa.any(1)[:, None] & ga.any(1)[None, :]
+            gain = np.where(jac > 0, jac * np.where(both, 0.5 + 0.5 * jaccard(qa, ga), 1.0), jac)
         ret = retrieved[start:stop]
         valid = ret >= 0
         graded = np.where(valid, np.take_along_axis(jac, np.where(valid, ret, 0), axis=1), 0.0)
@@ -63,6 +80,11 @@ def retrieval_metrics(
         if graded.shape[1] < k:  # fewer slots than k: the missing ones are non-relevant
             graded = np.pad(graded, ((0, 0), (0, k - graded.shape[1])))
         binary = graded >= threshold
+        if gain is not jac:
+            graded = np.where(valid, np.take_along_axis(gain, np.where(valid, ret, 0), axis=1), 0.0)
+            graded = np.clip(graded, 0.0, None)
+            if graded.shape[1] < k:
+                graded = np.pad(graded, ((0, 0), (0, k - graded.shape[1])))
         n_rel = (jac >= threshold).sum(1)
         hits = binary.sum(1)
         prec.append(hits / k)
@@ -74,7 +96,7 @@ def retrieval_metrics(
         rec.append(hits[has_rel] / denom[has_rel])
         kk = min(k, jac.shape[1])
         # negated so that ascending sort/partition order puts the best Jaccard first
-        neg_top = np.partition(-jac, kk - 1, axis=1)[:, :kk] if kk < jac.shape[1] else -jac
+        neg_top = np.partition(-gain, kk - 1, axis=1)[:, :kk] if kk < gain.shape[1] else -gain
         ideal = np.clip(-np.sort(neg_top, axis=1), 0.0, None)
         idcg = (ideal * discounts[:kk]).sum(1)
         dcg = (graded * discounts).sum(1)

@@ -91,8 +91,17 @@ def stats(root: pathlib.Path, out_dir: pathlib.Path, strict: bool) -> None:
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Fraction of images held out for validation.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) at the first bad row instead of skipping it.")
+@click.option("--garments", is_flag=True,
+              help="One example per garment (its mask's box plus context, cropped and resized), split by photo.")
+@click.option("--crop-padding", type=click.FloatRange(0.0, 2.0), default=None,
+              help="With --garments: context around each box, as a fraction of its width/height [default: 0.1].")
+@click.option("--min-mask-area", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help="With --garments: skip masks below this fraction of the photo [default: 0.001].")
+@click.option("--keep-parts", is_flag=True,
+              help="With --garments: keep garment parts (sleeve, neckline, zipper, ...), left out by default.")
 def prepare(sources: tuple[pathlib.Path, ...], out_dir: pathlib.Path, image_size: int, resize_mode: str,
-            workers: int | None, seed: int, val_fraction: float, strict: bool) -> None:
+            workers: int | None, seed: int, val_fraction: float, strict: bool, garments: bool = False,
+            crop_padding: float | None = None, min_mask_area: float | None = None, keep_parts: bool = False) -> None:
     """Decode, resize and write SOURCES as one prepared dataset under --out.
 
     Each source is a Kaggle-layout or an image-level folder; several are merged (an ImageId in two
@@ -105,6 +114,20 @@ def prepare(sources: tuple[pathlib.Path, ...], out_dir: pathlib.Path, image_size
         if not root.is_dir():
             raise DataError(f"{root}: not a folder; give Kaggle-layout (train.csv) or image-level "
                             "(labels.csv) dataset folders")
+    garment_options = None
+    if garments:
+        from imat.data_tools.garments import GarmentOptions
+
+        defaults = GarmentOptions()
+        garment_options = GarmentOptions(
+            padding=defaults.padding if crop_padding is None else crop_padding,
+            min_area_fraction=defaults.min_area_fraction if min_mask_area is None else min_mask_area,
+            keep_parts=keep_parts)
+    elif crop_padding is not None or min_mask_area is not None or keep_parts:
+        from imat.errors import ConfigError
+
+        raise ConfigError("--crop-padding, --min-mask-area and --keep-parts apply to garments; add --garments")
     path = prepare_dataset(list(sources), out_dir, image_size=image_size, resize_mode=resize_mode,
-                           workers=workers, seed=seed, val_fraction=val_fraction, strict=strict)
+                           workers=workers, seed=seed, val_fraction=val_fraction, strict=strict,
+                           garments=garments, garment_options=garment_options)
     click.echo(str(path))

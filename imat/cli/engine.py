@@ -65,6 +65,32 @@ common_batch = click.option("--batch-size", default=64, show_default=True, help=
 common_threads = click.option(
     "--threads", type=int, default=None, help="Decoder threads (default: half the cores; the model gets the rest)."
 )
+garment_flag = click.option(
+    "--garments", is_flag=True,
+    help="Work on garments: one item per mask of the Kaggle folder's train.csv (its box, padded, cropped).")
+garment_parts = click.option("--keep-parts", is_flag=True,
+                             help="With --garments: keep garment parts (sleeve, neckline, ...), left out by default.")
+garment_min_area = click.option("--min-mask-area", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+                                help="With --garments: skip masks below this fraction of the photo [default: 0.001].")
+
+
+def _garment_options(engine, garments: bool, keep_parts: bool, min_mask_area: float | None):
+    """GarmentOptions for --garments (padding: the model's); ConfigError for garment options without it."""
+    if not garments:
+        if keep_parts or min_mask_area is not None:
+            raise ConfigError("--keep-parts and --min-mask-area apply to garments; add --garments")
+        return None
+    from imat.data_tools.garments import GarmentOptions
+
+    defaults = GarmentOptions()
+    return GarmentOptions(padding=engine.garment_padding, keep_parts=keep_parts,
+                          min_area_fraction=defaults.min_area_fraction if min_mask_area is None else min_mask_area)
+
+
+def _garment_root(images: pathlib.Path, option: str = "--images") -> None:
+    if not (images / "train.csv").is_file():
+        raise DataError(f"{option} {images}: not a Kaggle-layout folder (no train.csv); --garments takes the "
+                        "garments from its masks")
 
 
 @click.command("index")
@@ -83,8 +109,15 @@ common_threads = click.option(
               help="Remove the item with this id from the index --out (repeatable; no --images).")
 @common_batch
 @common_threads
-def index(model, images, out, index_type, memory_budget_mb, resize_mode, add, remove_ids, batch_size, threads):
-    """Embed a folder of images and build a FAISS index (or --add to it, or --remove items from it)."""
+@garment_flag
+@garment_parts
+@garment_min_area
+def index(model, images, out, index_type, memory_budget_mb, resize_mode, add, remove_ids, batch_size, threads,
+          garments=False, keep_parts=False, min_mask_area=None):
+    """Embed a folder of images and build a FAISS index (or --add to it, or --remove items from it).
+
+    --garments: one row per garment of a Kaggle folder (id <ImageId>:<k>; path, box, category, attributes).
+    """
     from imat.engine.gallery import folder_items
 
     engine = _engine(model, batch_size, threads, resize_mode)  # a model/resize-mode mismatch fails first
@@ -96,6 +129,24 @@ def index(model, images, out, index_type, memory_budget_mb, resize_mode, add, re
         return
     if images is None:
         raise ConfigError("give --images FOLDER (to build or --add), or --remove ID to remove items")
+    if garments:
+        if add:
+            raise ConfigError("--garments builds a new garment index; --add with --garments is not supported")
+        _garment_root(images)
+        options = _garment_options(engine, garments, keep_parts, min_mask_area)
+        budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
+        gallery = engine.build_garment_index(images, out, index_type=index_type, options=options,
+                                             memory_budget_bytes=budget)
+        result = engine.last_result
+        _summarise_errors(result.errors, "garments")
+        counts = gallery.meta.get("garment_counts", {})
+        click.echo(
+            f"indexed {gallery.count} garments of {images} into {out} ({gallery.index_type}, dim {gallery.dim}; "
+            f"skipped {counts.get('skipped_part_masks', 0)} part masks, {counts.get('skipped_small_masks', 0)} "
+            f"small masks) at {result.timings.images_per_s:.1f} crops/s on {engine.provider}"
+        )
+        return
+    _garment_options(None, garments, keep_parts, min_mask_area)   # garment options without --garments: error
     found = folder_items(images)
     if found.problems:
         click.echo(found.problems, err=True)
@@ -138,8 +189,22 @@ def index(model, images, out, index_type, memory_budget_mb, resize_mode, add, re
               help="With several --category: items having any of them, or all of them.")
 @common_batch
 @common_threads
-def search(model, index_dir, batch_dir, queries, k, out, html_out, categories, match, batch_size, threads):
-    """Search an index with one or more images, or a folder of queries (--batch)."""
+@click.option("--box", "box", default=None, metavar="X0,Y0,X1,Y1",
+              help="Search with this region of the (one) query photo: pixels, x1/y1 exclusive.")
+@garment_flag
+@garment_parts
+@garment_min_area
+@click.option("--any-category", is_flag=True,
+              help="Garment queries (--box, --garments): search every category, not only the query's "
+                   "predicted one (the default when the model has a classifier and no --category is given).")
+def search(model, index_dir, batch_dir, queries, k, out, html_out, categories, match, batch_size, threads, box=None,
+           garments=False, keep_parts=False, min_mask_area=None, any_category=False):
+    """Search an index with one or more images, or a folder of queries (--batch).
+
+    --box X0,Y0,X1,Y1 searches with one region of one photo; --batch KAGGLE_DIR --garments searches
+    with every garment of every photo there (query ids <ImageId>:<k>). A garment query searches within
+    its predicted category (when the model has a classifier) unless --category or --any-category is given.
+    """
     from imat.data_tools.images import is_image_name
     from imat.engine.records import jsonl_text
     from imat.engine.report import write_html_report
@@ -149,7 +214,13 @@ def search(model, index_dir, batch_dir, queries, k, out, html_out, categories, m
         raise ConfigError("give either --batch QUERY_DIR or one or more QUERY_IMAGE paths (not both, not neither)")
     _check_output_file(out, "--out", "results.jsonl")
     _check_output_file(html_out, "--html", "report.html")
-    if batch_dir:
+    if box is not None or garments:
+        items, engine = _garment_queries(model, batch_size, threads, batch_dir, queries, box, garments, keep_parts,
+                                         min_mask_area)
+        skipped_count = 0
+    elif keep_parts or min_mask_area is not None:
+        raise ConfigError("--keep-parts and --min-mask-area apply to garments; add --garments")
+    elif batch_dir:
         from imat.engine.gallery import plain_folder_items
 
         found = plain_folder_items(batch_dir)
@@ -165,14 +236,21 @@ def search(model, index_dir, batch_dir, queries, k, out, html_out, categories, m
         skipped_count = len(skipped)
     if k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
-    engine = _engine(model, batch_size, threads)
+    if box is None and not garments:
+        engine = _engine(model, batch_size, threads)
     gallery = engine.load_index(index_dir)  # fingerprint check before any embedding work
     if categories:
         unknown = sorted(set(categories) - set(gallery.category_names()))
         if unknown and gallery.labelled:
             click.echo(f"note: no item of {index_dir} has category {', '.join(unknown)} "
                        f"(known: {', '.join(gallery.category_names()[:10])})", err=True)
-    records = engine.search(items, k=k, index=gallery, categories=list(categories) or None, match=match)
+    garment_queries = box is not None or garments
+    if any_category and not garment_queries:
+        raise ConfigError("--any-category applies to garment queries (--box or --garments)")
+    if garment_queries and not categories and not any_category:
+        records = engine.search_within_predicted(items, k=k, index=gallery)
+    else:
+        records = engine.search(items, k=k, index=gallery, categories=list(categories) or None, match=match)
     atomic_write_text(out, jsonl_text(records))
     if html_out:
         write_html_report(records, html_out, title=f"imat search: {index_dir}")
@@ -188,11 +266,40 @@ def search(model, index_dir, batch_dir, queries, k, out, html_out, categories, m
     )
 
 
+def _garment_queries(model, batch_size, threads, batch_dir, queries, box, garments, keep_parts, min_mask_area):
+    """(GarmentCrop queries, engine) for --box or --batch KAGGLE_DIR --garments."""
+    from imat.data_tools.garments import GarmentCrop, check_box, parse_box, photo_size
+
+    if box is not None and garments:
+        raise ConfigError("--box searches with one region of one photo; --garments with every garment of "
+                          "--batch KAGGLE_DIR: give one of them")
+    if box is not None:
+        if batch_dir or len(queries) != 1:
+            raise ConfigError("--box needs exactly one QUERY_IMAGE (not --batch)")
+        if keep_parts or min_mask_area is not None:
+            raise ConfigError("--keep-parts and --min-mask-area apply to --garments, not --box")
+        values = parse_box(box)
+        width, height = photo_size(queries[0])
+        crop_box = check_box(values, width, height, option="--box", where=str(queries[0]))
+        engine = _engine(model, batch_size, threads)
+        return [GarmentCrop(path=queries[0], box=crop_box, padding=engine.garment_padding)], engine
+    if not batch_dir:
+        raise ConfigError("--garments searches with the garments of --batch KAGGLE_DIR; give --batch")
+    _garment_root(batch_dir, "--batch")
+    engine = _engine(model, batch_size, threads)
+    options = _garment_options(engine, garments, keep_parts, min_mask_area)
+    gs, crops = engine.garment_items(batch_dir, options)
+    click.echo(f"{batch_dir}: {gs.summary()}", err=True)
+    return crops, engine
+
+
 def format_eval_table(result: dict) -> str:
     k = result["k"]
     base = result["baseline"]
+    what = f"{result['count']} garments of {result['photos']} photos" if "photos" in result else \
+        f"{result['count']} images"
     lines = [
-        f"leave-one-out on {result['count']} images (relevance {result['relevance']}, k={k})",
+        f"leave-one-out on {what} (relevance {result['relevance']}, k={k})",
         f"{'metric':<22}{'model':>10}{'random':>10}{'ratio':>8}",
     ]
     for name in ("map", "precision", "recall", "ndcg"):
@@ -214,8 +321,12 @@ def format_eval_table(result: dict) -> str:
 @click.option("--json", "json_out", type=click.Path(path_type=pathlib.Path), default=None, help="Write metrics JSON.")
 @common_batch
 @common_threads
-def evaluate(model, images, k, json_out, batch_size, threads):
-    """Leave-one-out retrieval evaluation on a labelled folder."""
+@garment_flag
+@garment_parts
+@garment_min_area
+def evaluate(model, images, k, json_out, batch_size, threads, garments=False, keep_parts=False, min_mask_area=None):
+    """Leave-one-out retrieval evaluation on a labelled folder (--garments: over its garments, never
+    counting garments of the query's own photo)."""
     from imat.fileio import atomic_write_text
 
     _check_output_file(json_out, "--json", "metrics.json")
@@ -223,7 +334,11 @@ def evaluate(model, images, k, json_out, batch_size, threads):
 
     detect_kind(images)  # a labelled folder of either kind, or one clear error naming both layouts
     engine = _engine(model, batch_size, threads)
-    result = engine.evaluate(images, k=k)
+    options = _garment_options(engine, garments, keep_parts, min_mask_area)
+    if garments:
+        result = engine.evaluate_garments(images, k=k, options=options)
+    else:
+        result = engine.evaluate(images, k=k)
     _summarise_errors(result["skipped_images"], "images")
     click.echo(format_eval_table(result))
     if json_out:

@@ -57,6 +57,8 @@ class PreparedSplit:
     widths: np.ndarray
     image_size: int
     resize_mode: str | None
+    garments: bool = False          # examples are garment crops (`imat data prepare --garments`)
+    garment_padding: float | None = None   # their context padding (the engine must crop the same way)
     _source: object = dataclasses.field(repr=False, default=None)
     _cache: np.ndarray | None = dataclasses.field(repr=False, default=None)
     _lock: threading.Lock = dataclasses.field(repr=False, default_factory=threading.Lock)
@@ -117,7 +119,9 @@ class PreparedSplit:
             raise DataError(f"{ds_dir}: cannot read split {split!r} ({e}); prepare it again") from None
         return cls(data_dir=ds_dir, split=split, image_ids=ids, categories=cats, attributes=attrs,
                    heights=heights, widths=widths, image_size=int(shape[0]),
-                   resize_mode=manifest.get("resize_mode"), _source=source, _cache=images)
+                   resize_mode=manifest.get("resize_mode"), garments=bool(manifest.get("garments", False)),
+                   garment_padding=manifest.get("garment_padding"),
+                   _source=source, _cache=images)
 
     def available_splits(self) -> list[str]:
         import tensorflow_datasets as tfds

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from imat.fileio import atomic_write_text, dir_lock, recover_dir, remove_stale_dirs, repair_dir, swap_in_dir
 from imat.constants import DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE_MODE, NUM_ATTRIBUTES, NUM_CATEGORIES, RESIZE_MODES
-from imat.data_tools import kaggle, sources as source_kinds
+from imat.data_tools import garments as garment_tools, kaggle, sources as source_kinds
 from imat.data_tools.images import decode_image, read_image_size
 from imat.errors import ConfigError, DataError, ImageDecodeError
 
@@ -73,8 +73,8 @@ ROOT/images/<ImageId>.jpg. `imat data prepare SRC [SRC ...]` merges several fold
 """
 
 
-def config_name(image_size: int, resize_mode: str) -> str:
-    return f"s{image_size}_{resize_mode}"
+def config_name(image_size: int, resize_mode: str, garments: bool = False) -> str:
+    return f"s{image_size}_{resize_mode}" + ("_garments" if garments else "")
 
 
 @dataclasses.dataclass(eq=False)
@@ -83,18 +83,22 @@ class ImatConfig(tfds.core.BuilderConfig):
 
     image_size: int = DEFAULT_IMAGE_SIZE
     resize_mode: str = DEFAULT_RESIZE_MODE
+    garments: bool = False      # one example per garment (padded mask-box crop), see imat.data_tools.garments
 
 
-def make_config(image_size: int = DEFAULT_IMAGE_SIZE, resize_mode: str = DEFAULT_RESIZE_MODE) -> ImatConfig:
+def make_config(image_size: int = DEFAULT_IMAGE_SIZE, resize_mode: str = DEFAULT_RESIZE_MODE,
+                garments: bool = False) -> ImatConfig:
     if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or not 8 <= image_size <= 4096:
         raise ConfigError(f"image_size={image_size!r}: give an integer between 8 and 4096 pixels (default 128)")
     if resize_mode not in RESIZE_MODES:
         raise ConfigError(f"resize_mode={resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
     return ImatConfig(
-        name=config_name(int(image_size), resize_mode),
-        description=f"images resized to {image_size}x{image_size} ({resize_mode}), raw uint8",
+        name=config_name(int(image_size), resize_mode, garments),
+        description=(f"{'garment crops' if garments else 'images'} resized to {image_size}x{image_size} "
+                     f"({resize_mode}), raw uint8"),
         image_size=int(image_size),
         resize_mode=resize_mode,
+        garments=bool(garments),
     )
 
 
@@ -223,7 +227,8 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, seed: int = 0, val_fraction: float = 0.2, workers: int | None = None,
                  strict: bool = False, sources: Sequence[kaggle.SourceDataset] | None = None,
-                 executor: concurrent.futures.Executor | None = None, **kwargs):
+                 executor: concurrent.futures.Executor | None = None,
+                 garment_options: garment_tools.GarmentOptions | None = None, **kwargs):
         """seed/val_fraction: the train/validation split; workers: decode processes (default: all
         cores); strict: stop at the first problem; sources: the source folders already read (else
         the manual dir is read in _split_generators); executor: a decode pool to use (else one per split)."""
@@ -237,21 +242,33 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
         self._sources = list(sources) if sources is not None else None
         self.source_counts: list[dict] = []           # per source: path, kind, counts (filled while generating)
         self._executor = executor
+        self.garment_options = garment_options or garment_tools.GarmentOptions()
+        self.garment_counts: dict = {}                # garments mode: kept / skipped masks (filled while generating)
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         s = self.builder_config.image_size
+        features = {
+            "image_id": tfds.features.Text(),
+            "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
+            "categories": tfds.features.Tensor(shape=(NUM_CATEGORIES,), dtype=np.uint8),
+            "attributes": tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.uint8),
+            "height": tfds.features.Scalar(dtype=np.int32, doc="original height in pixels"),
+            "width": tfds.features.Scalar(dtype=np.int32, doc="original width in pixels"),
+        }
+        if getattr(self.builder_config, "garments", False):
+            # image_id is "<ImageId>:<k>"; the photo's own id and the garment's place in it:
+            features.update({
+                "parent_image_id": tfds.features.Text(),
+                "garment_k": tfds.features.Scalar(dtype=np.int32, doc="0-based row of the photo in train.csv"),
+                "box": tfds.features.Tensor(shape=(4,), dtype=np.int32, doc="x0, y0, x1, y1 (exclusive), pixels"),
+                "category_id": tfds.features.Scalar(dtype=np.int32, doc="the garment's category id"),
+                "mask_area": tfds.features.Scalar(dtype=np.int32, doc="mask pixels"),
+            })
         return tfds.core.DatasetInfo(
             builder=self,
             description="iMaterialist Fashion 2020 images, resized once, with multi-hot labels.",
-            features=tfds.features.FeaturesDict({
-                "image_id": tfds.features.Text(),
-                "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
-                "categories": tfds.features.Tensor(shape=(NUM_CATEGORIES,), dtype=np.uint8),
-                "attributes": tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.uint8),
-                "height": tfds.features.Scalar(dtype=np.int32, doc="original height in pixels"),
-                "width": tfds.features.Scalar(dtype=np.int32, doc="original width in pixels"),
-            }),
+            features=tfds.features.FeaturesDict(features),
             homepage="https://www.kaggle.com/c/imaterialist-fashion-2020-fgvc7",
             # Written in generation order (sorted image ids): the pipelines shuffle per epoch
             # themselves, and skipping TFDS's shuffle avoids a pass through temporary buckets.
@@ -280,6 +297,8 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
             train_ids += t
             val_ids += v
         train_ids, val_ids = sorted(train_ids), sorted(val_ids)
+        if getattr(self.builder_config, "garments", False):
+            return self._garment_splits(read, train_ids, val_ids)
         splits = {"train": self._generate_examples([by_id[i] for i in train_ids], "train")}
         if val_ids:
             splits["validation"] = self._generate_examples([by_id[i] for i in val_ids], "validation")
@@ -334,6 +353,78 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
             logger.warning("%s: %d of %d images skipped as corrupt", split, skipped, len(tasks))
 
 
+    # ---- garments: one example per garment, split by parent photo -------------------------------
+
+    def _garment_splits(self, read: Sequence[kaggle.SourceDataset], train_ids: list[str], val_ids: list[str]):
+        """Garments of the photos of each split (a photo's garments all go where the photo goes)."""
+        by_photo: dict[str, list[garment_tools.Garment]] = {}
+        counts = collections.Counter()
+        for ds in read:
+            gs = garment_tools.garments_of(ds, self.garment_options)
+            counts.update(gs.counts())
+            for g in gs.garments:
+                by_photo.setdefault(g.image_id, []).append(g)
+        self.garment_counts = dict(counts)
+        splits = {"train": self._generate_garment_examples([by_photo[i] for i in train_ids if i in by_photo],
+                                                           "train")}
+        if val_ids:
+            splits["validation"] = self._generate_garment_examples(
+                [by_photo[i] for i in val_ids if i in by_photo], "validation")
+        return splits
+
+    def _generate_garment_examples(self, photos: list[list[garment_tools.Garment]], split: str):
+        size, mode = self.builder_config.image_size, self.builder_config.resize_mode
+        padding = float(self.garment_options.padding)
+        tasks = [_GarmentTask(gs[0].image_id, str(gs[0].path), tuple(g.box for g in gs), size, mode, padding)
+                 for gs in photos]
+        pool = self._executor or _make_executor(self.workers)
+        try:
+            results = _ordered_map(pool, _decode_garment_task, tasks, window=self.workers * 16)
+            with tqdm(total=len(tasks), desc=f"cropping {split}", unit="photo", disable=None) as bar:
+                for garments, task, (crops, error) in zip(photos, tasks, results):
+                    bar.update(1)
+                    if error is not None:
+                        problem = kaggle.Problem(task.path, None, task.image_id, f"corrupt image: {error}")
+                        if self.strict:
+                            raise DataError(f"{problem} (strict mode stops at the first problem; "
+                                            "remove or replace the file, or rerun without --strict)")
+                        logger.warning("skipped: %s (%d garments)", problem, len(garments))
+                        self.problems.append(problem)
+                        continue
+                    for g, crop in zip(garments, crops):
+                        yield g.id, {
+                            "image_id": g.id, "image": crop,
+                            "categories": self.labels.categories_to_multihot([g.category_id]).astype(np.uint8),
+                            "attributes": self.labels.attributes_to_multihot(g.attribute_ids).astype(np.uint8),
+                            "height": g.height, "width": g.width, "parent_image_id": g.image_id,
+                            "garment_k": g.k, "box": np.asarray(g.box, np.int32), "category_id": g.category_id,
+                            "mask_area": g.area,
+                        }
+        finally:
+            if self._executor is None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GarmentTask:
+    image_id: str
+    path: str
+    boxes: tuple
+    size: int
+    mode: str
+    padding: float
+
+
+def _decode_garment_task(task: _GarmentTask) -> tuple[list[np.ndarray] | None, str | None]:
+    """(crops of the photo's garments, None) or (None, error); runs in a worker, must not raise on bad files."""
+    try:
+        return garment_tools.decode_crops(task.path, task.boxes, task.size, task.mode, task.padding), None
+    except ImageDecodeError as e:
+        return None, e.reason
+    except ConfigError as e:   # a mask box outside the photo (train.csv size disagrees with the image)
+        return None, str(e)
+
+
 assert ImaterialistFashion2020.name == BUILDER_NAME, ImaterialistFashion2020.name
 
 
@@ -356,9 +447,10 @@ def _test_records(read: Sequence[kaggle.SourceDataset]) -> list[kaggle.ImageReco
 
 # ---- prepare: staging, manifest, atomic swap ------------------------------------------------------
 
-def dataset_dir(out_dir, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode: str = DEFAULT_RESIZE_MODE) -> pathlib.Path:
+def dataset_dir(out_dir, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode: str = DEFAULT_RESIZE_MODE,
+                garments: bool = False) -> pathlib.Path:
     """Where `prepare(root, out_dir, ...)` puts the dataset of these options."""
-    return pathlib.Path(out_dir) / BUILDER_NAME / config_name(image_size, resize_mode) / VERSION
+    return pathlib.Path(out_dir) / BUILDER_NAME / config_name(image_size, resize_mode, garments) / VERSION
 
 
 def _stat_signature(path: pathlib.Path) -> list[int] | None:
@@ -437,15 +529,20 @@ class _QuietCustomConfig(logging.Filter):
 
 def prepare(roots, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode: str = DEFAULT_RESIZE_MODE,
             workers: int | None = None, seed: int = 0, val_fraction: float = 0.2,
-            strict: bool = False) -> pathlib.Path:
+            strict: bool = False, garments: bool = False,
+            garment_options: garment_tools.GarmentOptions | None = None) -> pathlib.Path:
     """Prepare one source folder, or several merged, into `out_dir`; returns the dataset folder to train from.
+
+    garments=True: one example per garment of the Kaggle sources' masks (`imat.data_tools.garments`;
+    `garment_options` say which and how they are cropped), in `.../s<size>_<mode>_garments/1.0.0`, split by
+    parent photo (the photo split of the whole-photo dataset), with `"garments": true` in the manifest.
 
     `roots` is a folder or a sequence of folders, each Kaggle-layout or image-level (see
     `imat.data_tools.sources`). The returned folder is `out_dir/imaterialist_fashion2020/s<size>_<mode>/1.0.0`
     (a TFDS dataset directory: `tfds.builder_from_directory` and `PreparedSplit.open` take it). Reruns
     with the same options and unchanged sources are no-ops; other options or a changed source rebuild it.
     """
-    config = make_config(image_size, resize_mode)
+    config = make_config(image_size, resize_mode, garments)
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ConfigError(f"val_fraction={val_fraction!r}: give a fraction in [0, 1), e.g. 0.2 for 80/20")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -470,7 +567,11 @@ def prepare(roots, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode
         if out_dir == root or out_dir == image_dir or image_dir in out_dir.parents:
             raise ConfigError(f"out_dir={out_dir}: write the prepared dataset outside the source image folder "
                               f"{image_dir}")
-    target = dataset_dir(out_dir, config.image_size, config.resize_mode)
+    if garments and any(k != source_kinds.KAGGLE for k in kinds):
+        bad = next(r for r, k in zip(roots, kinds) if k != source_kinds.KAGGLE)
+        raise ConfigError(f"{bad}: --garments needs Kaggle-layout sources (train.csv with masks); this one has "
+                          "image-level labels only")
+    target = dataset_dir(out_dir, config.image_size, config.resize_mode, garments)
     request = {
         "format": MANIFEST_FORMAT, "builder": BUILDER_NAME, "version": VERSION, "config": config.name,
         "image_size": config.image_size, "resize_mode": config.resize_mode, "seed": int(seed),
@@ -479,6 +580,9 @@ def prepare(roots, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode
         "sources": sorted(({"path": str(r), "kind": k, "signature": _source_signature(r, k)}
                            for r, k in zip(roots, kinds)), key=lambda e: e["path"]),
     }
+    if garments:
+        garment_options = garment_options or garment_tools.GarmentOptions()
+        request.update({"garments": True, **garment_options.to_manifest()})
     _recover(out_dir, target)
     existing = read_manifest(target)
     if existing is not None and _same_request(existing, request):
@@ -504,7 +608,7 @@ def prepare(roots, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode
             builder = ImaterialistFashion2020(
                 data_dir=str(staging), config=config.name if known else config, file_format="array_record",
                 seed=seed, val_fraction=val_fraction, workers=workers, strict=strict, sources=read,
-                executor=pool)
+                executor=pool, garment_options=garment_options)
         finally:
             logging.getLogger("absl").removeFilter(quiet)
         builder.download_and_prepare(
@@ -524,6 +628,9 @@ def prepare(roots, out_dir, *, image_size: int = DEFAULT_IMAGE_SIZE, resize_mode
             "image_format": "raw uint8 (H, W, 3)",
             "decoder": "imat.data_tools.images.decode_image",
         })
+        if garments:
+            manifest.update({"decoder": "imat.data_tools.garments.decode_crops",
+                             "garment_counts": builder.garment_counts})
         if len(roots) == 1:   # the single-source manifest's field, kept for readers of older manifests
             manifest["source_root"] = str(roots[0])
         _write_json(built / LABELS_NAME, builder.labels.to_json_dict())

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from imat.engine.records import display_name
+from imat.data_tools.garments import GarmentCrop
 from imat.errors import ImatError
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,10 @@ class EmbedResult:
 
 
 def item_label(item: Any, index: int) -> str:
-    """How an item is named in errors and logs: its path (readable, see records.display_name), or `<array #i>`."""
+    """How an item is named in errors and logs: its path (readable, see records.display_name), its garment
+    id (or path[box]), or `<array #i>`."""
+    if isinstance(item, GarmentCrop):
+        return item.label()
     if isinstance(item, (str, os.PathLike)):
         return display_name(str(item))
     return f"<array #{index}>"
@@ -89,6 +93,12 @@ def _decode(item: Any, size: int, mode: str) -> tuple[np.ndarray, float]:
     from imat.data_tools.images import decode_image
 
     t0 = time.perf_counter()
+    if isinstance(item, GarmentCrop):
+        # The box (padded as in `imat data prepare --garments`) is cropped before resizing, by the
+        # same crop decoder, so a garment model sees the pixels it was trained on.
+        from imat.data_tools.garments import decode_crop
+
+        return decode_crop(item.path, item.box, size, mode, item.padding), time.perf_counter() - t0
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] != 3):
             raise ValueError(f"expected a uint8 HxWx3 array, got {item.dtype} {item.shape}")

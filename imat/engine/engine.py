@@ -13,11 +13,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from imat.data_tools.garments import GarmentCrop
 from imat.engine.embedder import EmbedError, EmbedResult, default_decode_threads, embed_items, item_label
 from imat.engine.evaluate import evaluate_embeddings
 from imat.engine.gallery_index import GalleryIndex, build_gallery_index, load_index
-from imat.engine.search import search_records
 from imat.engine.records import display_name, path_fields
+from imat.engine.search import garment_query_fields, query_name, search_records
 from imat.engine.session import ModelSession
 from imat.constants import RESIZE_MODES
 from imat.errors import ConfigError, DataError, IndexFileError
@@ -109,14 +110,18 @@ class Engine:
 
     # ------------------------------------------------------------ indexes
 
-    def _item_records(self, items, ok_indices, ids, labels) -> list[dict]:
+    def _item_records(self, items, ok_indices, ids, labels, item_fields=None) -> list[dict]:
         records = []
         for row, i in enumerate(ok_indices):
             i = int(i)
             rec: dict = {"id": str(ids[i]) if ids is not None else default_item_id(items[i], i)}
             rec.update(path_fields(items[i]) if isinstance(items[i], (str, os.PathLike)) else {"path": None})
+            if isinstance(items[i], GarmentCrop):   # a garment: its photo and its box there
+                rec["path"], rec["box"] = str(items[i].path), list(items[i].box)
             if labels is not None:
                 rec["categories"] = self._category_names(labels[i], where=rec["id"])
+            if item_fields is not None:
+                rec.update(item_fields[i])
             records.append(rec)
         return records
 
@@ -147,11 +152,14 @@ class Engine:
         *,
         memory_budget_bytes: int | None = None,
         resize_mode: str | None = None,
+        item_fields: Sequence[dict] | None = None,
+        extra_meta: dict | None = None,
     ) -> GalleryIndex:
         """Embed `items`, build the index and write it (atomically) to `out_dir`. Bad items are skipped.
 
         `resize_mode`: None uses the model's; another mode than the model's is refused (ConfigError).
-        """
+        `item_fields[i]`: more fields of item i's record (garments: category, attributes);
+        `extra_meta`: more sidecar fields."""
         check_resize_mode(resize_mode, self.metadata)
         items = list(items)
         if not items:
@@ -161,7 +169,7 @@ class Engine:
         if result.embeddings.shape[0] == 0:
             first = result.errors[0] if result.errors else None
             raise DataError(f"none of the {len(items)} images could be read (first: {first}); nothing to index")
-        records = self._item_records(items, result.ok_indices, ids, labels)
+        records = self._item_records(items, result.ok_indices, ids, labels, item_fields)
         gallery = build_gallery_index(
             result.embeddings,
             records,
@@ -175,6 +183,7 @@ class Engine:
                 "resize_mode": self.metadata.resize_mode,
                 "labelled": labels is not None,
                 "skipped": len(result.errors),
+                **(extra_meta or {}),
             },
         )
         gallery.save(out_dir)
@@ -296,6 +305,129 @@ class Engine:
             logger.warning("model categories differ from the dataset's; model F1 not reported")
             return None
         return probabilities[:, [col[n] for n in names]]
+
+    # ------------------------------------------------------------ garments
+
+    @property
+    def is_garment_model(self) -> bool:
+        """The model was trained on garment crops (`imat data prepare --garments`)."""
+        return str(self.metadata.extra.get("garment_model", "")).lower() == "true"
+
+    @property
+    def garment_padding(self) -> float:
+        """The crop padding the model was trained with (its metadata), else the default."""
+        from imat.data_tools.garments import DEFAULT_PADDING
+
+        raw = self.metadata.extra.get("garment_padding")
+        try:
+            return float(raw) if raw is not None else DEFAULT_PADDING
+        except ValueError:
+            logger.warning("%s: metadata garment_padding %r is not a number; using %s", self.model_path, raw,
+                           DEFAULT_PADDING)
+            return DEFAULT_PADDING
+
+    def garment_items(self, kaggle_root, options=None):
+        """(GarmentSet, crops named `<ImageId>:<k>` padded as this model was trained) of a Kaggle folder."""
+        from imat.data_tools.garments import GarmentOptions, crops_of, read_garments
+
+        gs = read_garments(kaggle_root, options or GarmentOptions(padding=self.garment_padding))
+        return gs, crops_of(gs, self.garment_padding)
+
+    def build_garment_index(self, kaggle_root, out_dir, index_type: str = "auto", *, options=None,
+                            memory_budget_bytes: int | None = None) -> GalleryIndex:
+        """One row per garment of a Kaggle folder (id `<ImageId>:<k>`; path, box, category, attributes)."""
+        gs, crops = self.garment_items(kaggle_root, options)
+        cat_name = dict(zip(gs.labels.category_ids, gs.labels.category_names))
+        attr_name = dict(zip(gs.labels.attribute_ids, gs.labels.attribute_names))
+        fields = [{"category": cat_name[g.category_id], "attributes": [attr_name[a] for a in g.attribute_ids],
+                   "image_id": g.image_id} for g in gs.garments]
+        return self.build_index(crops, out_dir, index_type=index_type, labels=[[f["category"]] for f in fields],
+                                ids=[c.name for c in crops], memory_budget_bytes=memory_budget_bytes,
+                                item_fields=fields,
+                                extra_meta={"garments": True, "garment_padding": self.garment_padding,
+                                            "garment_counts": gs.counts()})
+
+    def search_within_predicted(self, items: Sequence[Any], k: int = 10,
+                                index: GalleryIndex | str | os.PathLike | None = None) -> list[dict]:
+        """Search each query only among items of its predicted category (the model's top probability).
+
+        Each record says so: "category_filter": [name], "category_filter_source": "model". Without a
+        classifier head, or on an unlabelled index, or when no item has the predicted category, the
+        query searches every item and its record has "category_filter": null with the reason.
+        """
+        if index is None:
+            raise ConfigError("search needs an index (a GalleryIndex or an index folder)")
+        gallery = index if isinstance(index, GalleryIndex) else self.load_index(index)
+        if k < 1:
+            raise ConfigError(f"--k must be >= 1, got {k}")
+        items = list(items)
+        result = self.embed_result(items, desc="searching")
+        names = list(self.metadata.category_names)
+        known = set(gallery.category_names()) if gallery.labelled else set()
+        groups: dict[str | None, list[int]] = {}
+        predicted: dict[int, tuple[str | None, str]] = {}
+        for row, q in enumerate(result.ok_indices):
+            why = "the model has no classifier" if result.probabilities is None else \
+                "the index has no categories" if not gallery.labelled else ""
+            name = None
+            if not why:
+                name = names[int(np.argmax(result.probabilities[row]))]
+                if name not in known:
+                    why, name = f"no item of the index has the predicted category {name!r}", None
+            predicted[int(q)] = (name, why)
+            groups.setdefault(name, []).append(row)
+        records: list[dict | None] = [None] * len(items)
+        for name, rows in groups.items():
+            rows_arr = np.asarray(rows, dtype=np.int64)
+            sub_items = [items[int(result.ok_indices[r])] for r in rows]
+            sub = search_records(
+                gallery, sub_items, result.embeddings[rows_arr], np.arange(len(rows)), [], k,
+                category_names=self.metadata.category_names,
+                probabilities=None if result.probabilities is None else result.probabilities[rows_arr],
+                categories=None if name is None else [name], match="any")
+            for r, rec in zip(rows, sub):
+                q = int(result.ok_indices[r])
+                rec["query"] = query_name(items[q], q)
+                rec["category_filter"] = None if name is None else [name]
+                rec["category_filter_source"] = "model" if name is not None else predicted[q][1]
+                records[q] = rec
+        for err in result.errors:
+            records[err.index] = {"query": query_name(items[err.index], err.index), "results": [],
+                                  "predicted_categories": [], "error": err.message,
+                                  **garment_query_fields(items[err.index])}
+        return records  # type: ignore[return-value]
+
+    def evaluate_garments(self, kaggle_root, k: int = 10, *, options=None, baseline_samples: int = 5,
+                          seed: int = 0) -> dict:
+        """Leave-one-photo-out retrieval over the garments of a labelled Kaggle folder (see
+        `evaluate.evaluate_garment_embeddings`)."""
+        from imat.engine.evaluate import evaluate_garment_embeddings
+
+        if k < 1:
+            raise ConfigError(f"--k must be >= 1, got {k}")
+        gs, crops = self.garment_items(kaggle_root, options)
+        result = self.embed_result(crops, desc="evaluating garments")
+        garments = [gs.garments[int(i)] for i in result.ok_indices]
+        labels = np.stack([gs.labels.categories_to_multihot([g.category_id]) for g in garments])
+        attributes = np.stack([gs.labels.attributes_to_multihot(g.attribute_ids) for g in garments])
+        probabilities = None
+        if result.probabilities is not None:
+            probabilities = self._probabilities_in(gs.labels.category_names, result.probabilities)
+        out = evaluate_garment_embeddings(
+            result.embeddings, labels, [g.image_id for g in garments], k,
+            attributes=attributes if attributes.any() else None, probabilities=probabilities,
+            baseline_samples=baseline_samples, seed=seed)
+        out.update({
+            "root": str(kaggle_root),
+            "model": str(self.model_path),
+            "garment_model": self.is_garment_model,
+            "garment_padding": self.garment_padding,
+            "garments": len(gs.garments),
+            "garment_counts": gs.counts(),
+            "skipped_images": [str(e) for e in result.errors],
+            "images_per_s": result.timings.images_per_s,
+        })
+        return out
 
 
 __all__ = ["Engine", "EmbedError", "item_label", "default_item_id"]

@@ -137,3 +137,116 @@ def evaluate_embeddings(
         "seed": base["seed"],
     }
     return result
+
+
+# ---- garments: leave-one-photo-out -------------------------------------------------------------
+
+def _group_codes(groups) -> np.ndarray:
+    """int64 codes of the rows' groups (parent photos), whatever their type."""
+    _, codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    return codes.astype(np.int64)
+
+
+def leave_group_out_topk(embeddings: np.ndarray, groups, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64[n,k], scores float32[n,k]): each row's k most similar rows of OTHER groups (exact inner
+    product search; slots without a candidate are -1)."""
+    import faiss
+
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    codes = _group_codes(groups)
+    n = x.shape[0]
+    largest = int(np.bincount(codes).max()) if n else 0
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    scores, ids = index.search(x, min(n, k + largest))   # the own photo takes at most `largest` slots
+    out_ids = np.full((n, k), -1, dtype=np.int64)
+    out_scores = np.zeros((n, k), dtype=np.float32)
+    for r in range(n):
+        keep = (ids[r] >= 0) & (codes[np.maximum(ids[r], 0)] != codes[r])
+        row_ids, row_scores = ids[r][keep][:k], scores[r][keep][:k]
+        out_ids[r, : len(row_ids)] = row_ids
+        out_scores[r, : len(row_scores)] = row_scores
+    return out_ids, out_scores
+
+
+def random_group_ranking_metrics(labels: np.ndarray, groups, k: int, *, attributes: np.ndarray | None = None,
+                                 samples: int = 5, seed: int = 0, threshold: float = RELEVANCE_THRESHOLD) -> dict:
+    """Expected metrics of a random ranking of the rows of other groups, by `samples` seeded draws."""
+    labels = np.asarray(labels)
+    codes = _group_codes(groups)
+    n = labels.shape[0]
+    rng = np.random.default_rng(seed)
+    totals: dict[str, float] = {}
+    for _ in range(samples):
+        retrieved = np.full((n, k), -1, dtype=np.int64)
+        for q in range(n):
+            allowed = np.flatnonzero(codes != codes[q])
+            pick = rng.choice(allowed, size=min(k, allowed.size), replace=False)
+            retrieved[q, : pick.size] = pick
+        m = retrieval_metrics(labels, labels, retrieved, k, threshold=threshold, query_groups=codes,
+                              gallery_groups=codes, query_attributes=attributes, gallery_attributes=attributes)
+        for name in METRIC_NAMES:
+            totals[name] = totals.get(name, 0.0) + m[name] / samples
+    return {**totals, "samples": samples, "seed": seed}
+
+
+def evaluate_garment_embeddings(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    groups,
+    k: int = 10,
+    *,
+    attributes: np.ndarray | None = None,
+    probabilities: np.ndarray | None = None,
+    threshold: float = RELEVANCE_THRESHOLD,
+    baseline_samples: int = 5,
+    seed: int = 0,
+) -> dict:
+    """Leave-one-photo-out over garments: each garment queries the garments of every OTHER photo.
+
+    `labels`: one-hot categories [n, C] (relevance = same category); `groups`: the parent photo of each
+    row; `attributes`: multi-hot [n, A] for NDCG's graded gain (see imat.retrieval_metrics).
+    Same keys as `evaluate_embeddings`, plus "photos".
+    """
+    from imat.errors import DataError
+
+    labels = np.asarray(labels) > 0
+    codes = _group_codes(groups)
+    n = labels.shape[0]
+    photos = int(codes.max()) + 1 if n else 0
+    if photos < 2:
+        raise DataError(f"garment evaluation needs garments of at least 2 photos, got {n} garments of {photos}")
+    k_eff = min(k, n - int(np.bincount(codes).max()))
+    ids, scores = leave_group_out_topk(embeddings, codes, k_eff)
+    m = retrieval_metrics(labels, labels, ids, k_eff, threshold=threshold, query_groups=codes, gallery_groups=codes,
+                          query_attributes=attributes, gallery_attributes=attributes)
+    votes = neighbour_votes(ids, scores, labels)
+    f1_n = f1_scores(labels, votes >= VOTE_THRESHOLD)
+    result = {
+        "k": k_eff,
+        "count": n,
+        "photos": photos,
+        "relevance": "same category, never the query's own photo"
+                     + ("; NDCG gain graded by attribute Jaccard" if attributes is not None else ""),
+        f"map@{k_eff}": m["map"],
+        f"precision@{k_eff}": m["precision"],
+        f"recall@{k_eff}": m["recall"],
+        f"ndcg@{k_eff}": m["ndcg"],
+        "queries_with_relevant": m["queries_with_relevant"],
+        "f1_macro_neighbours": f1_n["f1_macro"],
+        "f1_micro_neighbours": f1_n["f1_micro"],
+    }
+    if probabilities is not None:
+        # one category per garment: the model's top category (not a 0.5 threshold)
+        top = np.zeros_like(labels)
+        top[np.arange(n), np.asarray(probabilities).argmax(1)] = True
+        f1_m = f1_scores(labels, top)
+        result["f1_macro_model"] = f1_m["f1_macro"]
+        result["f1_micro_model"] = f1_m["f1_micro"]
+    base = random_group_ranking_metrics(labels, codes, k_eff, attributes=attributes, samples=baseline_samples,
+                                        seed=seed, threshold=threshold)
+    result["baseline"] = {f"{name}@{k_eff}": base[name] for name in METRIC_NAMES} | {
+        "samples": base["samples"],
+        "seed": base["seed"],
+    }
+    return result

@@ -9,6 +9,9 @@ Record (the contract):
 
 A file name that is not valid UTF-8 is written readably with a lossless `*_bytes_b64` field
 beside it (`imat.engine.records`); read a path back with `records.path_of(record, key)`.
+Garments (`imat.data_tools.garments`): a garment query's record also has "path" and "box"
+(its `query` is the garment id `<ImageId>:<k>` or `path[x0,y0,x1,y1]`), and results from a
+garment index carry their "box" and "category".
 
 Predicted categories: the similarity-weighted vote of the neighbours' category
 sets (`evaluate.neighbour_votes`, in [0,1]) when the index is labelled, plus the
@@ -27,11 +30,13 @@ import numpy as np
 
 from imat.engine.records import BYTES_SUFFIX, path_fields
 from imat.engine.evaluate import neighbour_votes
+from imat.data_tools.garments import GarmentCrop
 from imat.engine.index import GalleryIndex
 
 logger = logging.getLogger(__name__)
 
 PREDICTION_MIN_SCORE = 0.2
+GARMENT_ITEM_FIELDS = ("box", "category")   # carried from a garment index's items into each result
 
 
 def label_space(index: GalleryIndex, category_names: Sequence[str]) -> list[str]:
@@ -98,6 +103,8 @@ def search_records(
                 "id": index.items[int(i)]["id"],
                 **_item_path(index.items[int(i)]),
                 "score": round(float(s), 6),
+                # garment indexes: where the garment is in its photo, and what it is
+                **{f: index.items[int(i)][f] for f in GARMENT_ITEM_FIELDS if f in index.items[int(i)]},
             }
             for rank, (i, s) in enumerate(zip(ids[row], scores[row]))
             if i >= 0
@@ -108,6 +115,7 @@ def search_records(
         if probabilities is not None:
             predicted += _predictions(probabilities[row], list(category_names), "model", min_score)
         records[q] = {**query_fields(queries[q], q), "results": results, "predicted_categories": predicted}
+        records[q].update(garment_query_fields(queries[q]))
     for err in errors:
         records[err.index] = {
             **query_fields(queries[err.index], err.index),
@@ -115,6 +123,7 @@ def search_records(
             "predicted_categories": [],
             "error": err.message,
         }
+        records[err.index].update(garment_query_fields(queries[err.index]))
     missing = [i for i, r in enumerate(records) if r is None]
     if missing:  # every query is either embedded or an error; anything else is a bug
         raise RuntimeError(f"queries {missing[:5]} have neither a result nor an error")
@@ -123,6 +132,8 @@ def search_records(
 
 def query_fields(query: Any, index: int) -> dict[str, str]:
     """{"query": its path (readable), "query_bytes_b64"?: exact bytes} or {"query": "query-<i>"} for an array."""
+    if isinstance(query, GarmentCrop):
+        return {"query": query.label()}
     if isinstance(query, (str, bytes, os.PathLike)):
         return path_fields(query, "query")
     return {"query": f"query-{index}"}
@@ -134,3 +145,18 @@ def _item_path(item: dict) -> dict:
     if "path" + BYTES_SUFFIX in item:
         fields["path" + BYTES_SUFFIX] = item["path" + BYTES_SUFFIX]
     return fields
+
+
+def garment_query_fields(query: Any) -> dict:
+    """A garment query's photo and box (its record's `query` is the garment id or path[box])."""
+    if isinstance(query, GarmentCrop):
+        return {"path": str(query.path), "box": list(query.box)}
+    return {}
+
+
+def query_name(query: Any, index: int) -> str:
+    if isinstance(query, GarmentCrop):
+        return query.label()
+    if isinstance(query, np.ndarray):
+        return f"query-{index}"
+    return str(query)

@@ -21,6 +21,7 @@ the file is written to a temp file beside the target and ``os.replace``d into pl
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 import time
@@ -289,6 +290,8 @@ def export_run_report(run_dir, out_path, step: int | None = None, *, tolerance: 
     if restored_step is not None:
         extra["checkpoint_step"] = str(int(restored_step))
     split = _prepared_split(config)
+    if split is not None and getattr(split, "garments", False):   # the engine crops garments for this model
+        extra.update({"garment_model": "true", "garment_padding": json.dumps(split.garment_padding)})
     return export_onnx_report(
         model, out_path, image_size=image_size, objective=objective, resize_mode=_run_resize_mode(run_dir, config, split),
         embedding_source=config.get("embedding_source") or config.get("retrieval_output"), category_names=_category_names(config, split),

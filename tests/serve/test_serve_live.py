@@ -3,7 +3,6 @@ the same embeddings, and searches that keep answering while the index changes.""
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import numpy as np
