@@ -52,11 +52,14 @@ METADATA_KEYS: tuple[MetadataKey, ...] = (
     MetadataKey("category_names", JSON_STR_LIST, True, "one name per column of the probabilities output"),
     MetadataKey("fingerprint", STR, True, "hash of the weights; an index remembers the model that built it"),
     MetadataKey("outputs", JSON_STR_LIST, True, "graph outputs, always including 'embedding'"),
-    MetadataKey("embedding_source", STR, False, "which model output the embedding is (embedding_head, pooled)"),
+    MetadataKey("embedding_source", STR, False,
+                "which model output the embedding is: embedding (the head), pooled, probabilities"),
     MetadataKey("input", STR, False, "human-readable description of the input"),
     MetadataKey("model_config", JSON_OBJECT, False, "the model's constructor config"),
     MetadataKey("source_run", STR, False, "name of the training run exported"),
     MetadataKey("checkpoint_step", STR, False, "checkpoint step exported (decimal)"),
+    MetadataKey("garment_model", STR, False, "'true' for a model trained on garment crops: the engine crops garments"),
+    MetadataKey("garment_padding", STR, False, "context padding of the garment crops, a fraction of the box (decimal)"),
 )
 KEYS_BY_NAME: dict[str, MetadataKey] = {k.name: k for k in METADATA_KEYS}
 REQUIRED_KEYS: tuple[str, ...] = tuple(k.name for k in METADATA_KEYS if k.required)

@@ -130,7 +130,7 @@ def test_missing_index_and_bad_query_arguments_are_one_line(setup, capsys, tmp_p
                  "--out", str(tmp_path / "r.jsonl")]) == 1
     assert "either --batch" in one_error_line(capsys)
     assert main(["eval", "--model", str(setup["model"]), "--images", str(setup["photos"])]) == 1
-    assert "no train.csv" in one_error_line(capsys)
+    assert "neither train.csv nor labels.csv" in one_error_line(capsys)
 
 
 def test_bad_index_type_is_one_line(setup, capsys, tmp_path):

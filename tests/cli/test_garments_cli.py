@@ -29,7 +29,7 @@ def test_garments_end_to_end(tmp_path, capsys):
     model = tmp_path / "model.onnx"
     assert main(["-q", "export", str(tmp_path / "bce"), "--out", str(model)]) == 0
     meta = read_metadata(model)
-    assert meta["garment_model"] == "true" and float(meta["garment_padding"]) == 0.15
+    assert meta.extra["garment_model"] == "true" and float(meta.extra["garment_padding"]) == 0.15
 
     from imat.engine import Engine
 
