@@ -30,6 +30,12 @@ _tiny = _load_tiny_onnx()
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx():
+    """tests/engine/tiny_onnx.py (real small ONNX models), for tests that build a model of their own."""
+    return _tiny
+
+
+@pytest.fixture(scope="session")
 def serve_env(tmp_path_factory):
     """{"model", "gallery" (Kaggle folder), "index" (template index folder), "queries" (photo paths)}."""
     from imat.data_tools.synthetic import write_synthetic

@@ -196,11 +196,10 @@ def test_probes_metrics_and_openapi(serve_env, index_copy, start_server):
     assert page.status_code == 200 and "imat search" in page.text
 
 
-def test_model_index_mismatch_is_refused_at_start(serve_env, index_copy, tmp_path):
-    from conftest import _tiny
+def test_model_index_mismatch_is_refused_at_start(serve_env, index_copy, tmp_path, tiny_onnx):
     from imat.errors import IndexFileError
     from imat.serve import ServeConfig, create_app
 
-    other = _tiny.build_tiny_model(tmp_path / "other.onnx", seed=7)
+    other = tiny_onnx.build_tiny_model(tmp_path / "other.onnx", seed=7)
     with pytest.raises(IndexFileError, match="different model"):
         create_app(ServeConfig(model=other, index=index_copy))
