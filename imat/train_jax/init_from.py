@@ -48,7 +48,7 @@ def init_from_run(model: nnx.Module, run_dir) -> dict[str, list[str]]:
         if is_head_path(key):
             continue
         other = src.get(key)
-        if other is None or np.shape(other.value) != np.shape(var.value):
+        if other is None or np.shape(other.get_value()) != np.shape(var.get_value()):
             mismatched.append("/".join(key))
     if mismatched:
         raise ConfigError(
@@ -58,14 +58,14 @@ def init_from_run(model: nnx.Module, run_dir) -> dict[str, list[str]]:
     for path, var in flat:
         key = tuple(map(str, path))
         other = src.get(key)
-        same = other is not None and np.shape(other.value) == np.shape(var.value)
+        same = other is not None and np.shape(other.get_value()) == np.shape(var.get_value())
         if is_head_path(key):
             heads[key[0]] = heads.get(key[0], True) and same
     copy_heads = {h for h, ok in heads.items() if ok}
     for path, var in flat:
         key = tuple(map(str, path))
         if not is_head_path(key) or key[0] in copy_heads:
-            var.value = src[key].value
+            var.set_value(src[key].get_value())
     nnx.update(model, nnx.from_flat_state(flat))
     report = {"copied": sorted(copy_heads), "fresh": sorted(set(heads) - copy_heads)}
     logger.info("initialised from %s (step %s): backbone and heads %s copied; fresh heads: %s", run_dir,

@@ -36,7 +36,7 @@ def _images(prepared_data, n=8):
 
 
 def _flat(state):
-    return {tuple(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(state)}
+    return {tuple(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
 def _toy_loss(outputs, batch):
