@@ -236,6 +236,16 @@ class Engine:
 
     # ------------------------------------------------------------ search and evaluation
 
+    def _embed_queries(self, items: Sequence[Any], k: int, index) -> tuple[GalleryIndex, list, EmbedResult]:
+        """(the gallery, the queries as a list, their embeddings) after checking the search options."""
+        if index is None:
+            raise ConfigError("search needs an index (a GalleryIndex or an index folder)")
+        gallery = index if isinstance(index, GalleryIndex) else self.load_index(index)
+        if k < 1:
+            raise ConfigError(f"--k must be >= 1, got {k}")
+        items = list(items)
+        return gallery, items, self.embed_result(items, desc="searching")
+
     def search(self, items: Sequence[Any], k: int = 10, index: GalleryIndex | str | os.PathLike | None = None,
                *, min_score: float | None = None, categories: Sequence[str] | None = None,
                match: str = "any") -> list[dict]:
@@ -243,13 +253,7 @@ class Engine:
 
         categories / match: return only items having any (match="any") or all ("all") of these names.
         """
-        if index is None:
-            raise ConfigError("search needs an index (a GalleryIndex or an index folder)")
-        gallery = index if isinstance(index, GalleryIndex) else self.load_index(index)
-        if k < 1:
-            raise ConfigError(f"--k must be >= 1, got {k}")
-        items = list(items)
-        result = self.embed_result(items, desc="searching")
+        gallery, items, result = self._embed_queries(items, k, index)
         kwargs = {} if min_score is None else {"min_score": min_score}
         return search_records(
             gallery,
@@ -355,13 +359,7 @@ class Engine:
         classifier head, or on an unlabelled index, or when no item has the predicted category, the
         query searches every item and its record has "category_filter": null with the reason.
         """
-        if index is None:
-            raise ConfigError("search needs an index (a GalleryIndex or an index folder)")
-        gallery = index if isinstance(index, GalleryIndex) else self.load_index(index)
-        if k < 1:
-            raise ConfigError(f"--k must be >= 1, got {k}")
-        items = list(items)
-        result = self.embed_result(items, desc="searching")
+        gallery, items, result = self._embed_queries(items, k, index)
         names = list(self.metadata.category_names)
         known = set(gallery.category_names()) if gallery.labelled else set()
         groups: dict[str | None, list[int]] = {}

@@ -113,29 +113,25 @@ def evaluate_embeddings(
     self_ids = np.arange(n)
     ids, scores = drop_self(ids, scores, self_ids, k_eff)
     m = retrieval_metrics(labels, labels, ids, k_eff, exclude=self_ids, threshold=threshold)
-    votes = neighbour_votes(ids, scores, labels)
+    predicted = None if probabilities is None else np.asarray(probabilities) >= VOTE_THRESHOLD
+    base = random_ranking_metrics(labels, k_eff, samples=baseline_samples, seed=seed, threshold=threshold)
+    return _result(k_eff, {"count": n, "relevance": f"jaccard>={threshold}"}, m,
+                   neighbour_votes(ids, scores, labels), labels, predicted, base)
+
+
+def _result(k: int, head: dict, m: dict, votes: np.ndarray, labels: np.ndarray, predicted, base: dict) -> dict:
+    """The evaluation record: `head`, the retrieval metrics `m` at k, F1 of the neighbours' votes and
+    (when given) of the model's `predicted` categories, and the random-ranking `base`line."""
     f1_n = f1_scores(labels, votes >= VOTE_THRESHOLD)
-    result = {
-        "k": k_eff,
-        "count": n,
-        "relevance": f"jaccard>={threshold}",
-        f"map@{k_eff}": m["map"],
-        f"precision@{k_eff}": m["precision"],
-        f"recall@{k_eff}": m["recall"],
-        f"ndcg@{k_eff}": m["ndcg"],
-        "queries_with_relevant": m["queries_with_relevant"],
-        "f1_macro_neighbours": f1_n["f1_macro"],
-        "f1_micro_neighbours": f1_n["f1_micro"],
-    }
-    if probabilities is not None:
-        f1_m = f1_scores(labels, np.asarray(probabilities) >= VOTE_THRESHOLD)
+    result = {"k": k, **head, **{f"{name}@{k}": m[name] for name in METRIC_NAMES},
+              "queries_with_relevant": m["queries_with_relevant"],
+              "f1_macro_neighbours": f1_n["f1_macro"], "f1_micro_neighbours": f1_n["f1_micro"]}
+    if predicted is not None:
+        f1_m = f1_scores(labels, predicted)
         result["f1_macro_model"] = f1_m["f1_macro"]
         result["f1_micro_model"] = f1_m["f1_micro"]
-    base = random_ranking_metrics(labels, k_eff, samples=baseline_samples, seed=seed, threshold=threshold)
-    result["baseline"] = {f"{name}@{k_eff}": base[name] for name in METRIC_NAMES} | {
-        "samples": base["samples"],
-        "seed": base["seed"],
-    }
+    result["baseline"] = {f"{name}@{k}": base[name] for name in METRIC_NAMES} | {
+        "samples": base["samples"], "seed": base["seed"]}
     return result
 
 
@@ -220,33 +216,14 @@ def evaluate_garment_embeddings(
     ids, scores = leave_group_out_topk(embeddings, codes, k_eff)
     m = retrieval_metrics(labels, labels, ids, k_eff, threshold=threshold, query_groups=codes, gallery_groups=codes,
                           query_attributes=attributes, gallery_attributes=attributes)
-    votes = neighbour_votes(ids, scores, labels)
-    f1_n = f1_scores(labels, votes >= VOTE_THRESHOLD)
-    result = {
-        "k": k_eff,
-        "count": n,
-        "photos": photos,
-        "relevance": "same category, never the query's own photo"
-                     + ("; NDCG gain graded by attribute Jaccard" if attributes is not None else ""),
-        f"map@{k_eff}": m["map"],
-        f"precision@{k_eff}": m["precision"],
-        f"recall@{k_eff}": m["recall"],
-        f"ndcg@{k_eff}": m["ndcg"],
-        "queries_with_relevant": m["queries_with_relevant"],
-        "f1_macro_neighbours": f1_n["f1_macro"],
-        "f1_micro_neighbours": f1_n["f1_micro"],
-    }
+    predicted = None
     if probabilities is not None:
         # one category per garment: the model's top category (not a 0.5 threshold)
-        top = np.zeros_like(labels)
-        top[np.arange(n), np.asarray(probabilities).argmax(1)] = True
-        f1_m = f1_scores(labels, top)
-        result["f1_macro_model"] = f1_m["f1_macro"]
-        result["f1_micro_model"] = f1_m["f1_micro"]
+        predicted = np.zeros_like(labels)
+        predicted[np.arange(n), np.asarray(probabilities).argmax(1)] = True
     base = random_group_ranking_metrics(labels, codes, k_eff, attributes=attributes, samples=baseline_samples,
                                         seed=seed, threshold=threshold)
-    result["baseline"] = {f"{name}@{k_eff}": base[name] for name in METRIC_NAMES} | {
-        "samples": base["samples"],
-        "seed": base["seed"],
-    }
-    return result
+    relevance = "same category, never the query's own photo" + (
+        "; NDCG gain graded by attribute Jaccard" if attributes is not None else "")
+    return _result(k_eff, {"count": n, "photos": photos, "relevance": relevance}, m,
+                   neighbour_votes(ids, scores, labels), labels, predicted, base)
