@@ -94,9 +94,12 @@ def _garment_root(images: pathlib.Path, option: str = "--images") -> None:
 
 
 @click.command("index")
-@common_model
+@click.option("--model", "model", type=click.Path(path_type=pathlib.Path), default=None,
+              help="model.onnx from `imat export` (with --from-embeddings: optional, checked against the folder's).")
 @click.option("--images", "images", type=click.Path(path_type=pathlib.Path), default=None,
               help="A folder of images, or a Kaggle folder (train.csv present: labels are stored).")
+@click.option("--from-embeddings", "from_embeddings", type=click.Path(path_type=pathlib.Path), default=None,
+              help="Build from an embeddings folder written by `imat embed` (no model run).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Index folder to write.")
 @click.option("--index-type", default="auto", show_default=True,
               help="FAISS factory string (Flat, HNSW32,Flat, IVF1024,PQ32, ...) or auto.")
@@ -112,14 +115,23 @@ def _garment_root(images: pathlib.Path, option: str = "--images") -> None:
 @garment_flag
 @garment_parts
 @garment_min_area
-def index(model, images, out, index_type, memory_budget_mb, resize_mode, add, remove_ids, batch_size, threads,
-          garments=False, keep_parts=False, min_mask_area=None):
+def index(model, images, from_embeddings, out, index_type, memory_budget_mb, resize_mode, add, remove_ids, batch_size,
+          threads, garments=False, keep_parts=False, min_mask_area=None):
     """Embed a folder of images and build a FAISS index (or --add to it, or --remove items from it).
 
+    --from-embeddings EMB_DIR: build the same index folder from the parts of `imat embed`.
     --garments: one row per garment of a Kaggle folder (id <ImageId>:<k>; path, box, category, attributes).
     """
     from imat.engine.gallery import folder_items
 
+    if from_embeddings is not None:
+        if images is not None or add or remove_ids or garments:
+            raise ConfigError("--from-embeddings builds a new index from an embeddings folder; it takes no "
+                              "--images, --add, --remove or --garments")
+        _index_from_embeddings(model, from_embeddings, out, index_type, memory_budget_mb)
+        return
+    if model is None:
+        raise ConfigError("--model is required (except with --from-embeddings)")
     engine = _engine(model, batch_size, threads, resize_mode)  # a model/resize-mode mismatch fails first
     if remove_ids:
         if images is not None or add:
@@ -173,6 +185,31 @@ def index(model, images, out, index_type, memory_budget_mb, resize_mode, add, re
     )
 
 
+def _index_from_embeddings(model, emb_dir, out, index_type, memory_budget_mb) -> None:
+    import time
+
+    from imat.engine.embedding_parts import read_embedding_dir
+    from imat.engine.parts_index import build_index_from_parts
+
+    _quiet_faiss()
+    start = time.perf_counter()
+    parts = read_embedding_dir(emb_dir)
+    if model is not None:
+        from imat.engine.session import ModelSession
+
+        fingerprint = ModelSession(model, intra_op_threads=1).metadata.fingerprint
+        if fingerprint != parts.model["model_fingerprint"]:
+            raise ConfigError(f"{emb_dir}: embedded by another model (fingerprint "
+                              f"{parts.model['model_fingerprint'][:12]}) than {model} ({fingerprint[:12]}); "
+                              "leave --model out or pass the model that embedded them")
+    budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
+    gallery = build_index_from_parts(parts, index_type, memory_budget_bytes=budget)
+    gallery.save(out)
+    click.echo(f"indexed {gallery.count} embeddings of {emb_dir} ({len(parts.parts)} parts, {parts.skipped} "
+               f"skipped when embedding) into {out} ({gallery.index_type}, dim {gallery.dim}, "
+               f"{'labelled' if parts.labelled else 'unlabelled'}) in {time.perf_counter() - start:.1f}s")
+
+
 @click.command("search")
 @common_model
 @click.option("--index", "index_dir", required=True, type=click.Path(path_type=pathlib.Path), help="Index folder.")
@@ -180,7 +217,8 @@ def index(model, images, out, index_type, memory_budget_mb, resize_mode, add, re
               help="A folder of query images.")
 @click.argument("queries", nargs=-1, type=click.Path(path_type=pathlib.Path))
 @click.option("--k", "k", default=10, show_default=True, help="Neighbours per query.")
-@click.option("--out", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Results JSONL to write.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=pathlib.Path),
+              help="Results to write: JSON Lines, or parquet (same fields) when the name ends in .parquet.")
 @click.option("--html", "html_out", type=click.Path(path_type=pathlib.Path), default=None,
               help="Also write an HTML gallery of the results.")
 @click.option("--category", "categories", multiple=True, metavar="NAME",
@@ -213,6 +251,10 @@ def search(model, index_dir, batch_dir, queries, k, out, html_out, categories, m
     if bool(batch_dir) == bool(queries):
         raise ConfigError("give either --batch QUERY_DIR or one or more QUERY_IMAGE paths (not both, not neither)")
     _check_output_file(out, "--out", "results.jsonl")
+    if out.suffix.lower() == ".parquet":
+        from imat.engine.parquet_io import pyarrow_modules
+
+        pyarrow_modules()  # a missing pyarrow fails before any embedding work
     _check_output_file(html_out, "--html", "report.html")
     if box is not None or garments:
         items, engine = _garment_queries(model, batch_size, threads, batch_dir, queries, box, garments, keep_parts,
@@ -251,7 +293,12 @@ def search(model, index_dir, batch_dir, queries, k, out, html_out, categories, m
         records = engine.search_within_predicted(items, k=k, index=gallery)
     else:
         records = engine.search(items, k=k, index=gallery, categories=list(categories) or None, match=match)
-    atomic_write_text(out, jsonl_text(records))
+    if out.suffix.lower() == ".parquet":
+        from imat.engine.parquet_io import write_records_parquet
+
+        write_records_parquet(records, out)
+    else:
+        atomic_write_text(out, jsonl_text(records))
     if html_out:
         write_html_report(records, html_out, title=f"imat search: {index_dir}")
     errors = [r for r in records if "error" in r]

@@ -20,6 +20,7 @@ COMMANDS = {
     "data": "imat.cli.data:data",
     "train": "imat.cli.train:train",
     "export": "imat.cli.export:export",
+    "embed": "imat.cli.embed:embed",
     "index": "imat.cli.engine:index",
     "search": "imat.cli.engine:search",
     "eval": "imat.cli.engine:evaluate",
@@ -31,7 +32,8 @@ HELP = {
     "data": "Synthesise, check, explore and prepare Kaggle-layout datasets.",
     "train": "Train a model (bce, triplet or rotation objective).",
     "export": "Export a trained run to a single model.onnx.",
-    "index": "Embed a folder of images and build a FAISS index.",
+    "embed": "Embed a folder of images into resumable parts (one process or --ray).",
+    "index": "Embed a folder of images (or index an embeddings folder) into a FAISS index.",
     "search": "Search an index with one image or a folder of queries.",
     "eval": "Leave-one-out retrieval evaluation on a labelled folder.",
     "serve": "Serve search, add and delete over HTTP, with a search page.",
@@ -96,7 +98,7 @@ def configure_logging(verbose: int, quiet: int) -> None:
 def cli(verbose: int, quiet: int) -> None:
     """imat: fashion image retrieval (iMaterialist Fashion 2020).
 
-    data -> train -> export -> index -> search, each stage a command.
+    data -> train -> export -> [embed ->] index -> search, each stage a command.
     """
     configure_logging(verbose, quiet)
 

@@ -44,6 +44,7 @@ from imat.errors import ConfigError, ImageDecodeError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 200_000_000  # 200 MP: above any camera photo; a 40k x 40k "image" is a bomb
+EMPTY_FILE = "empty file (0 bytes)"  # the reason for a 0-byte file, however it was read
 RESAMPLE = Image.Resampling.BILINEAR
 # resize() first reduces by an integer factor while the image is more than REDUCING_GAP times the
 # target, then resamples; 3.0 is indistinguishable from a plain resize (Pillow docs) and faster.
@@ -102,6 +103,18 @@ def decode_image(source, size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE, mode:
         return _finish(im, th, tw, mode, name)
 
 
+def decode_file_bytes(data: bytes, name: str, size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
+                      mode: str = DEFAULT_RESIZE_MODE, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode the contents of file `name`, read elsewhere (Ray Data's read_binary_files): the same pixels
+    as `decode_image(name)`, and the same ImageDecodeError (path and reason) for a bad file."""
+    if not data:
+        raise ImageDecodeError(name, EMPTY_FILE)
+    try:
+        return decode_image(data, size, mode, max_pixels=max_pixels)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(name, e.reason) from None
+
+
 @contextlib.contextmanager
 def _as_decode_error(name: str):
     """Turn what PIL and the OS raise for a bad file into one ImageDecodeError naming the file."""
@@ -158,7 +171,7 @@ def _opener(source):
         if info is not None:
             _check_regular(info, path)
             if info.st_size == 0:
-                raise ImageDecodeError(path, "empty file (0 bytes)")
+                raise ImageDecodeError(path, EMPTY_FILE)
         return str(path), lambda: _open_regular(path)
     raise TypeError(f"decode_image source must be a path, bytes or numpy array, not {type(source).__name__}")
 

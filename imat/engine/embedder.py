@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -83,6 +84,15 @@ def item_label(item: Any, index: int) -> str:
     return f"<array #{index}>"
 
 
+# What decoding one bad item raises (reported and skipped); anything else is a bug and stops the run.
+DECODE_ERRORS = (ImatError, OSError, ValueError, TypeError)
+
+
+def error_message(error: BaseException) -> str:
+    """The reason recorded for an item that failed to decode (ImageDecodeError already names the path)."""
+    return getattr(error, "reason", None) or str(error) or type(error).__name__
+
+
 def default_decode_threads(cores: int | None = None) -> int:
     """Half the cores for decoding (at least 1): the model gets the other half."""
     cores = cores or os.cpu_count() or 1
@@ -130,8 +140,12 @@ def embed_items(
     max_in_flight: int | None = None,
     progress: bool | None = None,
     desc: str = "embedding",
+    bar=None,
 ) -> EmbedResult:
-    """Embed `items` (paths or uint8 HxWx3 arrays) with a `ModelSession`; tolerant of bad items."""
+    """Embed `items` (paths or uint8 HxWx3 arrays) with a `ModelSession`; tolerant of bad items.
+
+    `bar`: a progress bar (tqdm) to advance per item instead of a bar of this call's own (one bar
+    across several calls, as `imat embed` does over its parts)."""
     if batch_size < 1:
         raise ImatError(f"--batch-size must be >= 1, got {batch_size}")
     meta = session.metadata
@@ -162,8 +176,9 @@ def embed_items(
         batch_indices.clear()
 
     start = time.perf_counter()
+    shown = contextlib.nullcontext(bar) if bar is not None else _progress(len(items), desc, progress)
     with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imat-decode") as pool, \
-            _progress(len(items), desc, progress) as bar:
+            shown as progress_bar:
         pending: collections.deque = collections.deque()
         next_item = 0
         while next_item < len(items) or pending:
@@ -175,18 +190,17 @@ def embed_items(
             try:
                 image, seconds = future.result()
                 timings.decode_s += seconds
-            except (ImatError, OSError, ValueError, TypeError) as e:
-                # ImageDecodeError already says "path: reason"; keep only the reason here.
-                message = getattr(e, "reason", None) or str(e) or type(e).__name__
+            except DECODE_ERRORS as e:
+                message = error_message(e)
                 errors.append(EmbedError(index, item_label(items[index], index), message))
                 logger.warning("skipping %s: %s", item_label(items[index], index), message)
-                bar.update(1)
+                progress_bar.update(1)
                 continue
             batch_images.append(image)
             batch_indices.append(index)
             if len(batch_images) == batch_size:
                 flush()
-            bar.update(1)
+            progress_bar.update(1)
         flush()
     timings.wall_s = time.perf_counter() - start
     timings.embedded = len(ok_indices)

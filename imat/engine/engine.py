@@ -17,6 +17,7 @@ from imat.data_tools.garments import GarmentCrop
 from imat.engine.embedder import EmbedError, EmbedResult, default_decode_threads, embed_items, item_label
 from imat.engine.evaluate import evaluate_embeddings
 from imat.engine.gallery_index import GalleryIndex, build_gallery_index, load_index
+from imat.engine.index_dir import model_fields
 from imat.engine.records import display_name, path_fields
 from imat.engine.search import garment_query_fields, query_name, search_records
 from imat.engine.session import ModelSession
@@ -82,7 +83,8 @@ class Engine:
 
     # ------------------------------------------------------------ embedding
 
-    def embed_result(self, items: Sequence[Any], *, desc: str = "embedding") -> EmbedResult:
+    def embed_result(self, items: Sequence[Any], *, desc: str = "embedding", bar=None) -> EmbedResult:
+        """`bar`: an outer progress bar to advance instead of this call's own (see embedder.embed_items)."""
         result = embed_items(
             self.session,
             items,
@@ -90,6 +92,7 @@ class Engine:
             decode_threads=self.decode_threads,
             progress=self.progress,
             desc=desc,
+            bar=bar,
         )
         self.last_result = result
         return result
@@ -110,7 +113,9 @@ class Engine:
 
     # ------------------------------------------------------------ indexes
 
-    def _item_records(self, items, ok_indices, ids, labels, item_fields=None) -> list[dict]:
+    def item_records(self, items, ok_indices, ids=None, labels=None, item_fields=None) -> list[dict]:
+        """The items.jsonl records of items[i] for i in ok_indices: id (given, or the file stem), path,
+        categories (names) when labels are given, and any `item_fields`."""
         records = []
         for row, i in enumerate(ok_indices):
             i = int(i)
@@ -169,22 +174,16 @@ class Engine:
         if result.embeddings.shape[0] == 0:
             first = result.errors[0] if result.errors else None
             raise DataError(f"none of the {len(items)} images could be read (first: {first}); nothing to index")
-        records = self._item_records(items, result.ok_indices, ids, labels, item_fields)
+        records = self.item_records(items, result.ok_indices, ids, labels, item_fields)
+        model = model_fields(self.metadata)
         gallery = build_gallery_index(
             result.embeddings,
             records,
             index_type,
             memory_budget_bytes=memory_budget_bytes,
-            model_fingerprint=self.metadata.fingerprint,
-            model_architecture=self.metadata.architecture,
-            extra_meta={
-                "model_objective": self.metadata.objective,
-                "image_size": self.metadata.image_size,
-                "resize_mode": self.metadata.resize_mode,
-                "labelled": labels is not None,
-                "skipped": len(result.errors),
-                **(extra_meta or {}),
-            },
+            model_fingerprint=model.pop("model_fingerprint"),
+            model_architecture=model.pop("model_architecture"),
+            extra_meta={**model, "labelled": labels is not None, "skipped": len(result.errors), **(extra_meta or {})},
         )
         gallery.save(out_dir)
         return gallery
@@ -218,7 +217,7 @@ class Engine:
             raise ConfigError(f"{directory}: the index has no labels; add the new items without labels")
         result = self.embed_result(items, desc="adding")
         if result.embeddings.shape[0]:
-            records = self._item_records(items, result.ok_indices, ids, labels)
+            records = self.item_records(items, result.ok_indices, ids, labels)
             gallery.add(result.embeddings, records)
             gallery.meta["skipped"] = int(gallery.meta.get("skipped", 0)) + len(result.errors)
             gallery.save(directory)

@@ -82,7 +82,8 @@ def create_index(dim: int, index_type: str):
         ) from None
 
 
-def _check_trainable(index_type: str, count: int) -> None:
+def check_trainable(index_type: str, count: int) -> None:
+    """ConfigError when `count` vectors cannot train `index_type` (too few for its lists or PQ codebooks)."""
     nlist = ivf_nlist_of(index_type)
     if nlist and count < nlist:
         raise ConfigError(
@@ -98,17 +99,35 @@ def _check_trainable(index_type: str, count: int) -> None:
             )
 
 
+def new_index(dim: int, index_type: str, count: int):
+    """An empty index of `index_type` ready to train and fill with `count` vectors (checked trainable)."""
+    index = create_index(dim, index_type)
+    check_trainable(index_type, count)
+    if "HNSW" in index_type:
+        hnsw = faiss_module().downcast_index(index)
+        if hasattr(hnsw, "hnsw"):
+            hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    return index
+
+
+def train_sample_rows(count: int, index_type: str, seed: int = 0) -> np.ndarray | None:
+    """Sorted row numbers of the seeded training sample of `count` vectors, or None to train on all.
+
+    One rule for building from memory and from embedding parts, so both train on the same rows.
+    """
+    # k-means wants >= 39 points per centroid; more than ~64 per centroid buys little.
+    sample_size = max(TRAIN_SAMPLE_MAX, 64 * (ivf_nlist_of(index_type) or 0))
+    if count <= sample_size:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(count, sample_size, replace=False))
+
+
 def build_faiss_index(vectors: np.ndarray, index_type: str, *, seed: int = 0, use_gpu: bool | None = None):
     """Build a CPU FAISS index (trained on a seeded sample when needed); GPU used for build when worthwhile."""
     faiss = faiss_module()
     x = as_matrix(vectors)
     n, d = x.shape
-    index = create_index(d, index_type)
-    _check_trainable(index_type, n)
-    if "HNSW" in index_type:
-        hnsw = faiss.downcast_index(index)
-        if hasattr(hnsw, "hnsw"):
-            hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index = new_index(d, index_type, n)
     gpu = gpu_worthwhile(index_type, n) if use_gpu is None else use_gpu
     work = index
     if gpu:
@@ -121,11 +140,8 @@ def build_faiss_index(vectors: np.ndarray, index_type: str, *, seed: int = 0, us
     if not gpu:
         logger.info("building %s on CPU (%d vectors, dim %d)", index_type, n, d)
     if not work.is_trained:
-        rng = np.random.default_rng(seed)
-        # k-means wants >= 39 points per centroid; more than ~64 per centroid buys little.
-        sample_size = max(TRAIN_SAMPLE_MAX, 64 * (ivf_nlist_of(index_type) or 0))
-        sample = x if n <= sample_size else x[np.sort(rng.choice(n, sample_size, replace=False))]
-        work.train(sample)
+        rows = train_sample_rows(n, index_type, seed)
+        work.train(x if rows is None else x[rows])
     work.add(x)
     if gpu:
         index = faiss.index_gpu_to_cpu(work)

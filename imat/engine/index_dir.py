@@ -91,6 +91,20 @@ def make_sidecar(index_type: str, dim: int, count: int, *, model_fingerprint: st
     return meta
 
 
+def model_fields(metadata) -> dict:
+    """The sidecar fields that name the model an index was built with (from its ModelMetadata).
+
+    An embeddings folder's manifest records the same fields, so an index built from it says the same.
+    """
+    return {
+        "model_fingerprint": metadata.fingerprint,
+        "model_architecture": metadata.architecture,
+        "model_objective": metadata.objective,
+        "image_size": metadata.image_size,
+        "resize_mode": metadata.resize_mode,
+    }
+
+
 # ---------------------------------------------------------------- writing
 
 
