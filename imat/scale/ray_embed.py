@@ -163,7 +163,7 @@ def ray_backend(engine, *, address: str | None = None, actors: int = 2, gpus_per
             ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={
                 "model_path": model_path, "fingerprint": meta.fingerprint,
                 "threads": max(1, int(cpus_per_actor)), "use_gpu": gpus_per_actor > 0},
-                concurrency=actors, batch_size=batch, batch_format="numpy", num_cpus=cpus_per_actor,
+                compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch, batch_format="numpy", num_cpus=cpus_per_actor,
                 num_gpus=gpus_per_actor or None)
             buffers: dict[int, _PartBuffer] = {}
             for out in ds.iter_batches(batch_format="numpy", batch_size=None):

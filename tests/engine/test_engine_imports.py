@@ -34,3 +34,16 @@ def test_cli_index_command_runs_without_the_training_stack(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "RC 0 FORBIDDEN:\n" in out.stdout, out.stdout + out.stderr
+
+
+def test_engine_embedding_and_parts_index_never_import_ray():
+    # Ray is the `scale` extra: `imat embed` without --ray and `imat index --from-embeddings` must not need it.
+    code = (
+        "import sys\n"
+        "import imat.engine.embed_run, imat.engine.embedding_parts, imat.engine.parts_index, imat.cli.embed\n"
+        "from imat.cli.main import main\n"
+        "rc = main(['embed', '--help'])\n"
+        "print('RC', rc, 'RAY:' + ','.join(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RC 0 RAY:\n" in out.stdout, out.stdout + out.stderr
