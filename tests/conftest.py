@@ -41,6 +41,19 @@ def torchvision_ref() -> pathlib.Path:
     return _require(TORCHVISION_REF)
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx():
+    """tests/engine/tiny_onnx.py (real small ONNX models and photo folders), loaded by path (tests/ is not
+    a package, and a plain import would find another folder's module in a full run)."""
+    import importlib.util
+
+    path = REPO / "tests" / "engine" / "tiny_onnx.py"
+    spec = importlib.util.spec_from_file_location("imat_tests_tiny_onnx", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 HEAVY_MODULES = ("jax", "flax", "optax", "tensorflow_datasets", "tensorflow", "grain", "matplotlib",
                  "onnxruntime", "faiss")
 

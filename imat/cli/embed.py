@@ -55,7 +55,7 @@ def embed(model, images, out, part_size, batch_size, threads, use_ray, ray_addre
         from imat.scale.ray_embed import ray_backend
 
         backend = ray_backend(engine, address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor)
-        name = f"ray, {actors} actors"
+        name = f"ray, {actors} actor{'s' if actors != 1 else ''}"
 
     def say_what_was_found(writer) -> None:
         note = writer.resume_note()

@@ -3,7 +3,6 @@ including a run killed with SIGKILL and finished by a rerun."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,29 +19,17 @@ from imat.cli.main import main
 pq = pytest.importorskip("pyarrow.parquet")
 
 
-def _load_test_models():
-    # The engine tests' model builder, loaded by path (tests/ is not a package).
-    path = pathlib.Path(__file__).resolve().parents[1] / "engine" / "tiny_onnx.py"
-    spec = importlib.util.spec_from_file_location("imat_embed_tiny_onnx", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_tiny = _load_test_models()
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_onnx):
     from imat.data_tools.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("embed-cli")
-    model = _tiny.build_tiny_model(root / "model.onnx")
+    model = tiny_onnx.build_tiny_model(root / "model.onnx")
     kaggle = write_synthetic(root / "kaggle", 20, seed=0, min_side=48, max_side=96, large_fraction=0.0)
     many = root / "many"
-    _tiny.write_photos(many, 240)
+    tiny_onnx.write_photos(many, 240)
     (many / "img_100b.jpg").write_bytes(b"\xff\xd8\xff\xe0 a truncated jpeg")
-    return {"root": root, "model": model, "kaggle": kaggle, "many": many}
+    return {"root": root, "model": model, "kaggle": kaggle, "many": many, "tiny_onnx": tiny_onnx}
 
 
 def _rows(emb_dir: pathlib.Path) -> tuple[list[int], list[str], np.ndarray, dict]:
@@ -130,7 +117,7 @@ def test_index_from_embeddings_is_the_index_of_imat_index_images(setup, tmp_path
 
 def test_index_from_embeddings_user_mistakes_are_one_line(setup, tmp_path, capsys):
     s = setup
-    other = _tiny.build_tiny_model(tmp_path / "other.onnx", seed=4)
+    other = s["tiny_onnx"].build_tiny_model(tmp_path / "other.onnx", seed=4)
     emb = tmp_path / "emb"
     assert main(["embed", "--model", str(s["model"]), "--images", str(s["kaggle"]), "--out", str(emb)]) == 0
     capsys.readouterr()

@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'imat[scale]'); the Ray tests need it")
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'imat[scale]')")
-
-
-def _load_tiny_onnx():
-    # The engine tests' model builder, loaded by path (tests/ is not a package).
-    path = pathlib.Path(__file__).resolve().parents[1] / "engine" / "tiny_onnx.py"
-    spec = importlib.util.spec_from_file_location("imat_scale_tiny_onnx", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_tiny = _load_tiny_onnx()
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +19,12 @@ def local_ray():
 
 
 @pytest.fixture(scope="session")
-def scale_env(tmp_path_factory):
+def scale_env(tmp_path_factory, tiny_onnx):
     """{"model", "photos"}: 22 photos, one truncated JPEG, one empty file and one that is not an image."""
     root = tmp_path_factory.mktemp("scale")
-    model = _tiny.build_tiny_model(root / "model.onnx")
+    model = tiny_onnx.build_tiny_model(root / "model.onnx")
     photos = root / "photos"
-    good = _tiny.write_photos(photos, 22)
+    good = tiny_onnx.write_photos(photos, 22)
     (photos / "img_003b.jpg").write_bytes(good[3].read_bytes()[: len(good[3].read_bytes()) // 3])
     (photos / "img_007b.jpg").write_bytes(b"")
     (photos / "img_011b.jpg").write_bytes(b"plain text, not an image")
