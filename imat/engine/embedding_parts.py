@@ -343,11 +343,12 @@ def open_for_writing(directory, records: Sequence[Mapping], *, model: Mapping, d
                 raise ConfigError(f"--out {directory}: exists and is not an imat embeddings folder (no "
                                   f"{MANIFEST_FILE}); choose a new or empty folder")
             manifest = _new_manifest(model, dim, part_size or DEFAULT_PART_SIZE, inputs)
+            _write_manifest(directory, manifest)  # first: a folder with anything in it has its manifest
         for sub in (EMBEDDINGS_DIR, METADATA_DIR):
             (directory / sub).mkdir(parents=True, exist_ok=True)
         _remove_temp_files(directory)
         complete, pending, changed = _plan(directory, manifest)
-        if changed or not manifest_path.exists():
+        if changed:
             _write_manifest(directory, manifest)
         else:
             manifest["counts"] = _counts(manifest)
