@@ -1,8 +1,9 @@
 """`imat embed --ray`: the pending parts of an embeddings folder, embedded on Ray Data.
 
     read_binary_files(paths)                       the files' bytes, read by Ray tasks
-      -> map_batches(decode_batch)                 CPU tasks: imat's own decoder (data_tools.images), the
-                                                   pixels and error reasons of the single-process path
+      -> map_batches(decode_batch)                 CPU tasks (1 CPU each, not fused into the actors): imat's
+                                                   own decoder (data_tools.images), the pixels and error
+                                                   reasons of the single-process path
       -> map_batches(EmbedActor, concurrency=N)    N actors, one ONNX Runtime session each (GPU when asked)
       -> iter_batches on the driver                rows routed to their part; each part, once whole, is
                                                    yielded to imat.engine.embed_run, which writes it
@@ -127,6 +128,10 @@ class _PartBuffer:
         return PartOutput(self.plan.index, self.vectors[keep], dict(self.errors))
 
 
+def _decode_task_resources() -> dict:
+    return {"num_cpus": 1}
+
+
 def _start_ray(ray, address: str | None, actors: int, cpus_per_actor: float) -> bool:
     """Initialise Ray unless it already is; True when this call started it (and must shut it down)."""
     if ray.is_initialized():
@@ -158,8 +163,11 @@ def ray_backend(engine, *, address: str | None = None, actors: int = 2, gpus_per
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False  # imat's own bar counts images
             ds = ray.data.read_binary_files(list(where), include_paths=True)
+            # The decode tasks' resources are given as a function: Ray Data then keeps decoding in CPU tasks
+            # of its own, scaled over the free CPUs apart from the actors (with static resources equal to the
+            # actors' it fuses the two steps, and each actor would decode its batches on one thread).
             ds = ds.map_batches(decode_batch, fn_kwargs={"size": meta.image_size, "mode": meta.resize_mode},
-                                batch_size=batch, batch_format="numpy", num_cpus=1)
+                                batch_size=batch, batch_format="numpy", ray_remote_args_fn=_decode_task_resources)
             ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={
                 "model_path": model_path, "fingerprint": meta.fingerprint,
                 "threads": max(1, int(cpus_per_actor)), "use_gpu": gpus_per_actor > 0},
