@@ -32,9 +32,12 @@ logger = logging.getLogger(__name__)
               help="With --ray: the cluster to join (e.g. ray://head:10001 or auto); default a local Ray.")
 @click.option("--actors", type=int, default=2, show_default=True,
               help="With --ray: model actors (one ONNX Runtime session each).")
+@click.option("--cpus-per-actor", type=int, default=1, show_default=True,
+              help="With --ray: CPUs each model actor holds (its ONNX Runtime threads).")
 @click.option("--gpus-per-actor", type=float, default=0.0, show_default=True,
               help="With --ray: GPUs per model actor (> 0 runs the model on CUDA).")
-def embed(model, images, out, part_size, batch_size, threads, use_ray, ray_address, actors, gpus_per_actor):
+def embed(model, images, out, part_size, batch_size, threads, use_ray, ray_address, actors, cpus_per_actor,
+          gpus_per_actor):
     """Embed a folder of images into parts: embeddings/part-NNNNN.npy + metadata/part-NNNNN.parquet + manifest.json.
 
     A killed run loses at most the parts it was writing: run the same command again to finish.
@@ -54,7 +57,8 @@ def embed(model, images, out, part_size, batch_size, threads, use_ray, ray_addre
     if use_ray:
         from imat.scale.ray_embed import ray_backend
 
-        backend = ray_backend(engine, address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor)
+        backend = ray_backend(engine, address=ray_address, actors=actors, cpus_per_actor=cpus_per_actor,
+                              gpus_per_actor=gpus_per_actor)
         name = f"ray, {actors} actor{'s' if actors != 1 else ''}"
 
     def say_what_was_found(writer) -> None:

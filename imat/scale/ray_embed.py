@@ -1,7 +1,7 @@
 """`imat embed --ray`: the pending parts of an embeddings folder, embedded on Ray Data.
 
     read_binary_files(paths)                       the files' bytes, read by Ray tasks
-      -> map_batches(decode_batch)                 CPU tasks (1 CPU each, not fused into the actors): imat's
+      -> map_batches(decode_batch)                 CPU tasks (not fused into the actors): imat's
                                                    own decoder (data_tools.images), the pixels and error
                                                    reasons of the single-process path
       -> map_batches(EmbedActor, concurrency=N)    N actors, one ONNX Runtime session each (GPU when asked)
@@ -29,6 +29,11 @@ from imat.engine.embedding_parts import PartOutput, PartPlan
 from imat.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# CPUs a decode task asks for. Half: a decode task also waits on reading its files. And unlike the
+# actors' whole CPUs, so Ray Data keeps decoding in tasks of its own, spread over the CPUs the actors
+# leave free (with equal resources it fuses the step into the actors: one decoding thread per actor).
+DECODE_TASK_CPUS = 0.5
 
 
 def ray_module():
@@ -128,11 +133,7 @@ class _PartBuffer:
         return PartOutput(self.plan.index, self.vectors[keep], dict(self.errors))
 
 
-def _decode_task_resources() -> dict:
-    return {"num_cpus": 1}
-
-
-def _start_ray(ray, address: str | None, actors: int, cpus_per_actor: float) -> bool:
+def _start_ray(ray, address: str | None, actors: int, cpus_per_actor: int) -> bool:
     """Initialise Ray unless it already is; True when this call started it (and must shut it down)."""
     if ray.is_initialized():
         return False
@@ -140,16 +141,18 @@ def _start_ray(ray, address: str | None, actors: int, cpus_per_actor: float) -> 
     if address is None:
         # Logical CPUs for a local Ray: the actors hold theirs for the whole run, and the read and
         # decode tasks need some left over, or they would wait for the actors forever.
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, int(np.ceil(actors * cpus_per_actor)) + 2)
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, actors * cpus_per_actor + 2)
     ray.init(address=address, **kwargs)
     return True
 
 
 def ray_backend(engine, *, address: str | None = None, actors: int = 2, gpus_per_actor: float = 0.0,
-                cpus_per_actor: float = 1.0, batch_size: int | None = None):
+                cpus_per_actor: int = 1, batch_size: int | None = None):
     """An embed_run backend running the pending parts on Ray Data (see the module docstring)."""
     if actors < 1:
         raise ConfigError(f"--actors must be >= 1, got {actors}")
+    if int(cpus_per_actor) != cpus_per_actor or cpus_per_actor < 1:
+        raise ConfigError(f"CPUs per actor must be a whole number >= 1 (its ONNX Runtime threads), got {cpus_per_actor}")
     if gpus_per_actor < 0:
         raise ConfigError(f"--gpus-per-actor must be >= 0, got {gpus_per_actor}")
     meta = engine.metadata
@@ -163,15 +166,13 @@ def ray_backend(engine, *, address: str | None = None, actors: int = 2, gpus_per
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False  # imat's own bar counts images
             ds = ray.data.read_binary_files(list(where), include_paths=True)
-            # The decode tasks' resources are given as a function: Ray Data then keeps decoding in CPU tasks
-            # of its own, scaled over the free CPUs apart from the actors (with static resources equal to the
-            # actors' it fuses the two steps, and each actor would decode its batches on one thread).
             ds = ds.map_batches(decode_batch, fn_kwargs={"size": meta.image_size, "mode": meta.resize_mode},
-                                batch_size=batch, batch_format="numpy", ray_remote_args_fn=_decode_task_resources)
+                                batch_size=batch, batch_format="numpy", num_cpus=DECODE_TASK_CPUS)
             ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={
                 "model_path": model_path, "fingerprint": meta.fingerprint,
-                "threads": max(1, int(cpus_per_actor)), "use_gpu": gpus_per_actor > 0},
-                compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch, batch_format="numpy", num_cpus=cpus_per_actor,
+                "threads": int(cpus_per_actor), "use_gpu": gpus_per_actor > 0},
+                compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch, batch_format="numpy",
+                num_cpus=cpus_per_actor,
                 num_gpus=gpus_per_actor or None)
             buffers: dict[int, _PartBuffer] = {}
             for out in ds.iter_batches(batch_format="numpy", batch_size=None):
