@@ -214,7 +214,8 @@ def embed_items(
             if prob_chunks
             else np.zeros((0, len(meta.category_names)), np.float32)
         )
-    logger.info("embedded %s", timings.summary())
+    # Under an outer bar (one of many parts) a line per call would be noise: the caller reports the total.
+    logger.log(logging.DEBUG if bar is not None else logging.INFO, "embedded %s", timings.summary())
     return EmbedResult(
         embeddings=embeddings,
         probabilities=probabilities,

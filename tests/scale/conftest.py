@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'imat[scale]'); the Ray tests need it")
@@ -11,6 +13,8 @@ pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install '
 @pytest.fixture(scope="session")
 def local_ray():
     """A local Ray shared by the scale tests: 4 logical CPUs (2 actors + read/decode tasks) on any machine."""
+    # Ray's workers run at nice 15 by default: on a shared machine they then wait for everyone else.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
