@@ -22,12 +22,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
-from imat.data_tools.garments import GarmentCrop
-from imat.engine.records import display_name
+from imat.engine.records import display_name, is_garment_crop
 from imat.engine.thread_plan import (
     OVERSUBSCRIBE,
     CostMeter,
@@ -96,7 +95,7 @@ class EmbedResult:
 def item_label(item: Any, index: int) -> str:
     """How an item is named in errors and logs: its path (readable, see records.display_name), its garment
     id (or path[box]), or `<array #i>`."""
-    if isinstance(item, GarmentCrop):
+    if is_garment_crop(item):
         return item.label()
     if isinstance(item, (str, os.PathLike)):
         return display_name(str(item))
@@ -114,7 +113,7 @@ def _decode(item: Any, size: int, mode: str) -> tuple[np.ndarray, float]:
     from imat.data_tools.images import decode_image
 
     t0 = time.perf_counter()
-    if isinstance(item, GarmentCrop):
+    if is_garment_crop(item):
         # The box (padded as in `imat data prepare --garments`) is cropped before resizing, by the
         # same crop decoder, so a garment model sees the pixels it was trained on.
         from imat.data_tools.garments import decode_crop
@@ -135,11 +134,26 @@ def _decode(item: Any, size: int, mode: str) -> tuple[np.ndarray, float]:
     return image, time.perf_counter() - t0
 
 
+class _NoProgress:
+    """What `_progress` gives when no bar is shown: tqdm is then not even imported (a faster start)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
 def _progress(total: int, desc: str, enabled: bool | None):
+    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
+    if disable:
+        return _NoProgress()
     from tqdm import tqdm
 
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False)
+    return tqdm(total=total, desc=desc, unit="img", leave=False)
 
 
 def _decode_timed(item: Any, size: int, mode: str, gate, meter: CostMeter) -> tuple[np.ndarray, float]:

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from imat.constants import RESIZE_MODES
-from imat.data_tools.garments import GarmentCrop
 from imat.engine.embedder import (
     EmbedError,
     EmbedResult,
@@ -25,7 +24,7 @@ from imat.engine.embedder import (
 )
 from imat.engine.evaluate import evaluate_embeddings
 from imat.engine.gallery_index import GalleryIndex, build_gallery_index, load_index
-from imat.engine.records import display_name, path_fields
+from imat.engine.records import display_name, is_garment_crop, path_fields
 from imat.engine.search import garment_query_fields, query_name, search_records
 from imat.engine.session import ModelSession
 from imat.errors import ConfigError, DataError, IndexFileError
@@ -130,7 +129,7 @@ class Engine:
             i = int(i)
             rec: dict = {"id": str(ids[i]) if ids is not None else default_item_id(items[i], i)}
             rec.update(path_fields(items[i]) if isinstance(items[i], (str, os.PathLike)) else {"path": None})
-            if isinstance(items[i], GarmentCrop):   # a garment: its photo and its box there
+            if is_garment_crop(items[i]):   # a garment: its photo and its box there
                 rec["path"], rec["box"] = str(items[i].path), list(items[i].box)
             if labels is not None:
                 rec["categories"] = self._category_names(labels[i], where=rec["id"])
