@@ -2,7 +2,8 @@
 
 `quantize_int8(float_model, out, calibration_images, heldout_images)` runs ONNX Runtime's
 pre-processing (shape inference, graph optimisation) and `quantize_static` in QDQ format (int8
-weights per output channel, uint8 activations, ranges from the calibration images), then checks
+weights per output channel, uint8 activations, ranges from the 99.99th percentile of the calibration
+images' activations), then checks
 that retrieval agrees with the float model on held-out images before anything is written:
 
 - embeddings: for each held-out image, its 10 nearest other held-out images (inner product of the
@@ -39,6 +40,10 @@ DEFAULT_MIN_OVERLAP = 0.9
 DEFAULT_K = 10
 CALIBRATION_BATCH = 16
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")  # the weights and the time are here; the rest stays float
+# Activation ranges: the 99.99th percentile, not min/max: one outlier pixel of one calibration image
+# would otherwise stretch a range for every image (measured on a ccp-dev MobileNetV2: top-10 overlap
+# 0.33 with min/max, 0.46 with the percentile, and 1.15x faster).
+CALIBRATION_PERCENTILE = 99.99
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +114,13 @@ def agreement(float_outputs: dict, int8_outputs: dict, *, k: int = DEFAULT_K,
 
 
 class _Calibration:
-    """onnxruntime.quantization's CalibrationDataReader protocol over an array of uint8 images."""
+    """onnxruntime.quantization's CalibrationDataReader protocol over an array of uint8 images, in batches
+    of one size (the percentile calibrator stacks them; a ragged last batch is left out)."""
 
     def __init__(self, images: np.ndarray) -> None:
-        self._batches = iter([images[i : i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)])
+        usable = max(CALIBRATION_BATCH, len(images) - len(images) % CALIBRATION_BATCH)
+        self._batches = iter([images[i : i + CALIBRATION_BATCH] for i in range(0, min(usable, len(images)),
+                                                                                CALIBRATION_BATCH)])
 
     def get_next(self):
         batch = next(self._batches, None)
@@ -171,7 +179,8 @@ def quantize_int8(float_model, out_path, calibration_images: np.ndarray, heldout
         quantize_static(
             str(pre), str(raw), _Calibration(calibration_images), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=CalibrationMethod.Percentile,
+            extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
         )
         proto = onnx.load(str(raw))
         fingerprint = _quantized_fingerprint(proto, meta.fingerprint)
