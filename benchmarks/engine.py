@@ -162,6 +162,9 @@ def main(argv=None) -> None:
     torch_note = "PyTorch pipeline: not run (no --torch-python)"
     if args.torch_python and not pathlib.Path(args.torch_python).exists():
         torch_note, args.torch_python = f"PyTorch pipeline: {args.torch_python} is absent", None
+    elif args.torch_python and subprocess.run([args.torch_python, "-c", "import torch, torchvision"],
+                                              capture_output=True, check=False).returncode != 0:
+        torch_note, args.torch_python = f"PyTorch pipeline: torch/torchvision not importable by {args.torch_python}", None
     print(f"{cores} cores, load {os.getloadavg()[0]:.1f} at start; batch {args.batch_size}; fastest of "
           f"{args.repeats}; {torch_note if not args.torch_python else 'PyTorch pipeline: ' + args.torch_python}")
 
@@ -213,12 +216,12 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = torch_rate.get((r["set"], r["model"]))
+        torch_cells = f"{t:.1f} | {r['index'] / t:.2f}x" if t else "not run | -"
         print(f"| {r['set']} ({r['photos']}) | {r['model']} {r['kind']} | {r['decode_only']:.1f} "
               f"({r['decode_ms']:.2f} ms) | {r['model_only']:.1f} ({r['model_ms']:.2f} ms) | {r['bound']:.1f} | "
               f"{r['embed']:.1f} = {r['embed'] / r['bound']:.2f} ({r['plan']}) | "
               f"{r['embed_static']:.1f} = {r['embed_static'] / r['bound']:.2f} | "
-              f"{r['index']:.1f} = {r['index'] / r['bound']:.2f} | "
-              f"{f'{t:.1f}' if t else 'not run'} | {f'{r['index'] / t:.2f}x' if t else '-'} |")
+              f"{r['index']:.1f} = {r['index'] / r['bound']:.2f} | {torch_cells} |")
     print(f"\nload {os.getloadavg()[0]:.1f} at the end; ratios after '=' are rate / all-cores bound")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
