@@ -180,7 +180,7 @@ def main(argv=None) -> None:
             for (name, kind), model in variants.items():
                 size = ModelSession(model).metadata.image_size
                 if size not in decoded:
-                    t = fastest(lambda size=size: [decode_image(p, size, "stretch") for p in paths], 1)
+                    t = fastest(lambda size=size, paths=paths: [decode_image(p, size, "stretch") for p in paths], 1)
                     decoded[size] = (np.stack([decode_image(p, size, "stretch") for p in paths[: args.batch_size]]),
                                      t / n)
                 sample, t_decode = decoded[size]
@@ -191,10 +191,10 @@ def main(argv=None) -> None:
                 adaptive = Engine(model, batch_size=args.batch_size, progress=False)
                 static = Engine(model, batch_size=args.batch_size, decode_threads=1, progress=False)
                 adaptive.embed(paths[: args.batch_size])  # warm-up
-                embed = n / fastest(lambda e=adaptive: e.embed(paths), args.repeats)
+                embed = n / fastest(lambda e=adaptive, paths=paths: e.embed(paths), args.repeats)
                 plan = adaptive.last_result.timings
-                embed_static = n / fastest(lambda e=static: e.embed(paths), args.repeats)
-                index = n / fastest(lambda m=model: whole_index_command(m, folder, tmp / "index", args.batch_size),
+                embed_static = n / fastest(lambda e=static, paths=paths: e.embed(paths), args.repeats)
+                index = n / fastest(lambda m=model, folder=folder: whole_index_command(m, folder, tmp / "index", args.batch_size),
                                     args.repeats)
                 row = {"set": set_name, "photos": n, "model": name, "kind": kind, "decode_ms": t_decode * 1e3,
                        "model_ms": t_model * 1e3, "decode_only": 1 / t_decode, "model_only": 1 / t_model,
