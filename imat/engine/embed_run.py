@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+from imat.engine.embedder import _progress as progress_bar
 from imat.engine.embedding_parts import EmbeddingDirWriter, PartOutput, PartPlan, open_for_writing
 from imat.engine.index_dir import model_fields
 
@@ -81,11 +81,6 @@ def local_backend(engine) -> Backend:
     return run
 
 
-def _bar(total: int, enabled: bool | None):
-    from tqdm import tqdm
-
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    return tqdm(total=total, desc="embedding", unit="img", disable=disable, smoothing=0.1)
 
 
 def embed_to_dir(engine, inputs: EmbedInputs, out, *, part_size: int | None = None, backend: Backend | None = None,
@@ -109,7 +104,7 @@ def embed_to_dir(engine, inputs: EmbedInputs, out, *, part_size: int | None = No
                                   skipped_parts=len(writer.skipped),
                                   redone_parts=sum(p.status == "partial" for p in writer.pending), written_parts=0,
                                   items=0, embedded=0, errors=[], wall_s=0.0, resume_note=writer.resume_note())
-        with _bar(sum(p.rows for p in writer.pending), progress) as bar:
+        with progress_bar(sum(p.rows for p in writer.pending), "embedding", progress) as bar:
             for output in backend(inputs.items, writer.pending, bar) if pending else ():
                 plan = pending.pop(output.index, None)
                 if plan is None:
