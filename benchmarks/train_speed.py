@@ -89,7 +89,7 @@ class TorchWorker:
 def find_torch_python(explicit: str | None) -> str | None:
     candidates = [explicit, os.environ.get("IMAT_TORCH_PYTHON"), sys.executable]
     for python in filter(None, candidates):
-        ok = subprocess.run([python, "-c", "import torch, torchvision"], capture_output=True).returncode == 0
+        ok = subprocess.run([python, "-c", "import torch, torchvision"], capture_output=True, check=False).returncode == 0
         if ok:
             return python
         if python == explicit:

@@ -218,7 +218,7 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, strides, padding, precision=Non
 
 
 def _conv_im2col_fwd(x, kernel, strides, padding, precision):
-    kh, kw, cin, cout = kernel.shape
+    kh, kw, _, cout = kernel.shape
     patches = _im2col_patches(x, kh, kw, strides, padding)
     b, ho, wo, k = patches.shape
     out = jnp.dot(patches.reshape(b * ho * wo, k), kernel.reshape(k, cout), precision=precision)
@@ -227,7 +227,7 @@ def _conv_im2col_fwd(x, kernel, strides, padding, precision):
 
 def _conv_im2col_bwd(strides, padding, precision, residuals, dy):
     patches, kernel, x_like = residuals
-    kh, kw, cin, cout = kernel.shape
+    kh, kw, _, cout = kernel.shape
     b, ho, wo, k = patches.shape
     x_shape = (b,) + x_like.shape[1:]
     dy2 = dy.reshape(b * ho * wo, cout)
@@ -292,7 +292,7 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array, stride: int, padding: int
 
 def _depthwise_fwd(x, kernel, stride, padding):
     kh, kw = kernel.shape[0], kernel.shape[1]
-    b, h, w, c = x.shape
+    h, w = x.shape[1], x.shape[2]
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (w + 2 * padding - kw) // stride + 1
