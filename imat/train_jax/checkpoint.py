@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from imat.errors import ConfigError, ModelError
+from imat.train_jax import sharding
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,8 @@ class CheckpointStore:
             if jax.process_index() != 0:
                 return  # process 0 reads and writes; see the module doc
             # A manager over process 0 alone (Orbax then cannot create the root itself).
-            multiprocessing = dict(multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=0, active_processes={0}, barrier_sync_key_prefix="imat"))
+            multiprocessing = {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+                primary_host=0, active_processes={0}, barrier_sync_key_prefix="imat")}
             if not read_only:
                 self.directory.mkdir(parents=True, exist_ok=True)
         if read_only:  # (the values Orbax would force for read_only, given so it does not warn)
@@ -194,11 +195,10 @@ class CheckpointStore:
         step = int(multihost_utils.broadcast_one_to_all(np.int64(found[0] if found else -1)))
         if step < 0:
             return None
-        meta = found[3] if found else {}
-        meta_text = multihost_utils.broadcast_one_to_all(_text_to_array(json.dumps(meta)))
+        meta = sharding.broadcast_json(found[3] if found else None)
         ours = found[1:3] if found else (_host_copy(model_template), _host_copy(optimizer_template))
         model_state, opt_state = multihost_utils.broadcast_one_to_all(ours)
-        return step, model_state, opt_state, json.loads(_array_to_text(meta_text))
+        return step, model_state, opt_state, meta
 
     def _restore_latest(self, model_template, optimizer_template, quarantine: bool):
         for step in sorted(self.manager.all_steps(), reverse=True):
@@ -233,18 +233,6 @@ class CheckpointStore:
     def close(self) -> None:
         if self.manager is not None:
             self.manager.close()
-
-
-def _text_to_array(text: str, size: int = 1 << 16) -> np.ndarray:
-    """A fixed-size uint8 array holding ``text`` (broadcast needs the same shape on every process)."""
-    data = text.encode()
-    if len(data) > size:
-        raise ModelError(f"checkpoint metadata too large to broadcast ({len(data)} bytes)")
-    return np.frombuffer(data.ljust(size, b"\0"), np.uint8)
-
-
-def _array_to_text(array) -> str:
-    return np.asarray(array, np.uint8).tobytes().rstrip(b"\0").decode()
 
 
 def read_run_config(run_dir) -> dict:

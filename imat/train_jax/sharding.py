@@ -15,6 +15,7 @@ batch with ``jax.make_array_from_process_local_data``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -128,6 +129,18 @@ def replicate(tree, mesh: Mesh):
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(place, tree)
+
+
+def broadcast_json(value):
+    """Process 0's ``value`` (anything JSON can carry) on every process; ``value`` itself alone."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    ours = data if jax.process_index() == 0 else np.zeros(size, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(ours), np.uint8).tobytes().decode())
 
 
 def _is_key(x) -> bool:

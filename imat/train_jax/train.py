@@ -37,7 +37,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -171,7 +170,9 @@ def process_shards(data_shards: int) -> range:
     batches, end to end, are the global batch of a single process reading all shards."""
     index, count = sharding.data_shard_info()
     if data_shards % count:
-        raise ConfigError(f"--data-shards {data_shards} must be a multiple of the number of processes ({count})")
+        raise ConfigError(f"--data-shards {data_shards} must be a multiple of the number of processes ({count}); "
+                          "a resumed run keeps the number it started with: pass --data-shards to change it "
+                          "(the batches from there on then differ)")
     per = data_shards // count
     return range(index * per, (index + 1) * per)
 
@@ -341,10 +342,10 @@ def run_loop(config: TrainConfig, data: _Data, schedule: _Schedule, model: _Mode
             if schedule.due(step, schedule.eval_every):
                 run_eval(step)
                 changed = True
+            if changed:  # before the checkpoint: a run killed after a save must find the rows it covers
+                log.write()
             if schedule.due(step, schedule.checkpoint_every):
                 save(step)
-            if changed:
-                log.write()
         if not any(r["split"] == "val" and r["step"] == schedule.num_steps for r in log.rows):
             run_eval(schedule.num_steps)  # e.g. a rerun of a finished run whose last evaluation was lost
             log.write()
@@ -364,12 +365,7 @@ def resolve_data_shards(config: TrainConfig, previous: TrainConfig | None, workd
         elif shards != previous.data_shards:
             logger.warning("resuming with %d data shards (was %d): the batches from here on differ from the "
                            "original run's", shards, previous.data_shards)
-    shards = shards or jax.process_count()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        shards = int(multihost_utils.broadcast_one_to_all(np.int64(shards)))
-    return shards
+    return int(sharding.broadcast_json(shards or jax.process_count()))
 
 
 def write_run_config(config: TrainConfig, workdir: pathlib.Path) -> None:
@@ -403,6 +399,8 @@ def train_and_evaluate(config: TrainConfig, workdir) -> dict[str, Any]:
                            start_step, schedule.num_steps)
             schedule = dataclasses.replace(schedule, num_steps=start_step)
         log = RunLog(workdir, config, start_step, is_main)
+        # Process 0's history on every process, so the divergence check decides the same everywhere.
+        log.rows = sharding.broadcast_json(log.rows)
         logger.info("training %s (%s) for %d steps (%d/epoch) on %d device(s), batch %d; workdir %s", config.arch,
                     config.objective, schedule.num_steps, schedule.steps_per_epoch, mesh.devices.size,
                     config.batch_size, workdir)

@@ -31,7 +31,9 @@ def _gloo_available() -> bool:
     return hasattr(_jax, "make_gloo_tcp_collectives")
 
 
-pytestmark = pytest.mark.skipif(not _gloo_available(), reason="this jaxlib has no gloo CPU collectives")
+pytestmark = pytest.mark.skipif(
+    not _gloo_available(), reason="this jaxlib has no gloo CPU collectives"
+)
 
 
 def _free_port() -> int:
@@ -40,14 +42,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two_processes(config_path: pathlib.Path, workdirs: list[pathlib.Path]) -> list[subprocess.Popen]:
+def _launch_two_processes(
+    config_path: pathlib.Path, workdirs: list[pathlib.Path]
+) -> list[subprocess.Popen]:
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     for pid, workdir in enumerate(workdirs):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                   JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, str(RUNNER), str(config_path), str(workdir)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=1",
+            JAX_COORDINATOR_ADDRESS=address,
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(RUNNER), str(config_path), str(workdir)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -59,7 +76,7 @@ def _wait_all(procs: list[subprocess.Popen]) -> list[dict]:
             out, err = proc.communicate(timeout=TIMEOUT_S)
             assert proc.returncode == 0, f"process {pid} failed:\n{err[-3000:]}"
             line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
-            results.append(json.loads(line[len("RESULT "):]))
+            results.append(json.loads(line[len("RESULT ") :]))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -74,13 +91,18 @@ def _params(run_dir, step):
 
 
 def _losses(workdir):
-    rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(l)
+        for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    ]
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
 def test_two_processes_train_like_one_and_resume_in_one(small_config, tmp_path):
     steps, resumed_steps = 4, 6
-    config = small_config(steps=steps, log_every=1, eval_every=steps, checkpoint_every=2)
+    config = small_config(
+        steps=steps, log_every=1, eval_every=steps, checkpoint_every=2
+    )
     config_path = tmp_path / "config.json"
     config_path.write_text(config.to_json())
     main_dir, other_dir = tmp_path / "process0", tmp_path / "process1"
@@ -90,18 +112,36 @@ def test_two_processes_train_like_one_and_resume_in_one(small_config, tmp_path):
     # Meanwhile, the reference: one process reading both data shards (the same global batches).
     reference = tmp_path / "reference"
     try:
-        train_and_evaluate(small_config(steps=resumed_steps, log_every=1, eval_every=resumed_steps,
-                                        checkpoint_every=2, keep_checkpoints=5, data_shards=2), reference)
+        train_and_evaluate(
+            small_config(
+                steps=resumed_steps,
+                log_every=1,
+                eval_every=resumed_steps,
+                checkpoint_every=2,
+                keep_checkpoints=5,
+                data_shards=2,
+            ),
+            reference,
+        )
     finally:
         results = _wait_all(procs)
     assert [r["devices"] for r in results] == [2, 2]
-    assert results[0]["val"] == results[1]["val"]  # every process computes the same evaluation
+    assert (
+        results[0]["val"] == results[1]["val"]
+    )  # every process computes the same evaluation
 
     # (b) Only process 0 wrote; its checkpoints hold process 0's files alone.
     assert list(other_dir.iterdir()) == []
-    assert {p.name for p in main_dir.iterdir()} == {"config.json", "metrics.jsonl", "curves.png", "checkpoints"}
+    assert {p.name for p in main_dir.iterdir()} == {
+        "config.json",
+        "metrics.jsonl",
+        "curves.png",
+        "checkpoints",
+    }
     assert sorted(p.name for p in (main_dir / "checkpoints").iterdir()) == ["2", "4"]
-    assert not [p for p in (main_dir / "checkpoints").rglob("*") if "process_1" in p.name]
+    assert not [
+        p for p in (main_dir / "checkpoints").rglob("*") if "process_1" in p.name
+    ]
     assert json.loads((main_dir / "config.json").read_text())["data_shards"] == 2
 
     # (a) The same losses and parameters as the single-process run with the same global batch
@@ -113,12 +153,23 @@ def test_two_processes_train_like_one_and_resume_in_one(small_config, tmp_path):
         np.testing.assert_allclose(b, a, rtol=0, atol=5e-4)
 
     # (c) One process resumes the two-process checkpoint and continues on the reference's batches.
-    resumed = train_and_evaluate(small_config(steps=resumed_steps, log_every=1, eval_every=resumed_steps,
-                                              checkpoint_every=2), main_dir)
+    resumed = train_and_evaluate(
+        small_config(
+            steps=resumed_steps,
+            log_every=1,
+            eval_every=resumed_steps,
+            checkpoint_every=2,
+        ),
+        main_dir,
+    )
     assert resumed["step"] == resumed_steps
-    assert json.loads((main_dir / "config.json").read_text())["data_shards"] == 2  # kept from the first launch
+    assert (
+        json.loads((main_dir / "config.json").read_text())["data_shards"] == 2
+    )  # kept from the first launch
     two = _losses(main_dir)
     assert sorted(two) == list(range(1, resumed_steps + 1))
     np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=5e-5)
-    for a, b in zip(_params(reference, resumed_steps), _params(main_dir, resumed_steps)):
+    for a, b in zip(
+        _params(reference, resumed_steps), _params(main_dir, resumed_steps)
+    ):
         np.testing.assert_allclose(b, a, rtol=0, atol=5e-4)
