@@ -60,6 +60,8 @@ METADATA_KEYS: tuple[MetadataKey, ...] = (
     MetadataKey("checkpoint_step", STR, False, "checkpoint step exported (decimal)"),
     MetadataKey("garment_model", STR, False, "'true' for a model trained on garment crops: the engine crops garments"),
     MetadataKey("garment_padding", STR, False, "context padding of the garment crops, a fraction of the box (decimal)"),
+    MetadataKey("quantization", STR, False, "'int8' for a model quantized by `imat export --quantize int8`"),
+    MetadataKey("float_fingerprint", STR, False, "fingerprint of the float model an int8 model was quantized from"),
 )
 KEYS_BY_NAME: dict[str, MetadataKey] = {k.name: k for k in METADATA_KEYS}
 REQUIRED_KEYS: tuple[str, ...] = tuple(k.name for k in METADATA_KEYS if k.required)

@@ -63,7 +63,9 @@ common_model = click.option(
 )
 common_batch = click.option("--batch-size", default=64, show_default=True, help="Images per model call.")
 common_threads = click.option(
-    "--threads", type=int, default=None, help="Decoder threads (default: half the cores; the model gets the rest)."
+    "--threads", type=int, default=None,
+    help="Decoder threads; the model gets the other cores (default: planned from the decode and model costs "
+         "measured on the first batches, re-checked as the run goes).",
 )
 garment_flag = click.option(
     "--garments", is_flag=True,

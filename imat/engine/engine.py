@@ -9,18 +9,24 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from imat.data_tools.garments import GarmentCrop
-from imat.engine.embedder import EmbedError, EmbedResult, default_decode_threads, embed_items, item_label
+from imat.constants import RESIZE_MODES
+from imat.engine.embedder import (
+    EmbedError,
+    EmbedResult,
+    default_decode_threads,
+    embed_items,
+    item_label,
+)
 from imat.engine.evaluate import evaluate_embeddings
 from imat.engine.gallery_index import GalleryIndex, build_gallery_index, load_index
-from imat.engine.records import display_name, path_fields
+from imat.engine.records import display_name, is_garment_crop, path_fields
 from imat.engine.search import garment_query_fields, query_name, search_records
 from imat.engine.session import ModelSession
-from imat.constants import RESIZE_MODES
 from imat.errors import ConfigError, DataError, IndexFileError
 
 logger = logging.getLogger(__name__)
@@ -65,14 +71,21 @@ class Engine:
         progress: bool | None = None,
         resize_mode: str | None = None,
     ):
-        """`resize_mode`: None uses the model's (its metadata); any other mode than the model's is refused."""
+        """`resize_mode`: None uses the model's (its metadata); any other mode than the model's is refused.
+
+        Threads: with neither `decode_threads` nor `intra_op_threads` the session runs one intra-op
+        thread per lane and every embedding run splits the cores between decoders and model lanes from
+        measured costs (`imat.engine.thread_plan`); explicit counts win (ORT gets the cores the
+        decoders leave, as before)."""
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-        self.decode_threads = decode_threads or default_decode_threads()
+        self.decode_threads = decode_threads  # None: planned per run from measured costs
         self.batch_size = batch_size
         self.progress = progress
+        adaptive = decode_threads is None and intra_op_threads is None
         self.session = ModelSession(
-            model_path, providers=providers, intra_op_threads=intra_op_threads, decode_threads=self.decode_threads
+            model_path, providers=providers, intra_op_threads=1 if adaptive else intra_op_threads,
+            decode_threads=decode_threads or default_decode_threads(),
         )
         self.model_path = pathlib.Path(model_path)
         self.metadata = self.session.metadata
@@ -116,7 +129,7 @@ class Engine:
             i = int(i)
             rec: dict = {"id": str(ids[i]) if ids is not None else default_item_id(items[i], i)}
             rec.update(path_fields(items[i]) if isinstance(items[i], (str, os.PathLike)) else {"path": None})
-            if isinstance(items[i], GarmentCrop):   # a garment: its photo and its box there
+            if is_garment_crop(items[i]):   # a garment: its photo and its box there
                 rec["path"], rec["box"] = str(items[i].path), list(items[i].box)
             if labels is not None:
                 rec["categories"] = self._category_names(labels[i], where=rec["id"])
@@ -428,4 +441,4 @@ class Engine:
         return out
 
 
-__all__ = ["Engine", "EmbedError", "item_label", "default_item_id"]
+__all__ = ["EmbedError", "Engine", "default_item_id", "item_label"]

@@ -20,6 +20,7 @@ import base64
 import binascii
 import json
 import os
+import sys
 from typing import Any, Iterable, Mapping
 
 BYTES_SUFFIX = "_bytes_b64"
@@ -80,3 +81,10 @@ def jsonl_text(records: Iterable[Mapping]) -> str:
             line = json.dumps(record, ensure_ascii=True)
         lines.append(line + "\n")
     return "".join(lines)
+
+
+def is_garment_crop(item: Any) -> bool:
+    """`item` is an `imat.data_tools.garments.GarmentCrop`, without importing that module: a crop can exist
+    only once its module is imported, so commands over plain photos never pay for the garment tools."""
+    garments = sys.modules.get("imat.data_tools.garments")
+    return garments is not None and isinstance(item, garments.GarmentCrop)

@@ -28,9 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from imat.engine.records import BYTES_SUFFIX, path_fields
+from imat.engine.records import BYTES_SUFFIX, is_garment_crop, path_fields
 from imat.engine.evaluate import neighbour_votes
-from imat.data_tools.garments import GarmentCrop
 from imat.engine.index import GalleryIndex
 
 logger = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ def search_records(
 
 def query_fields(query: Any, index: int) -> dict[str, str]:
     """{"query": its path (readable), "query_bytes_b64"?: exact bytes} or {"query": "query-<i>"} for an array."""
-    if isinstance(query, GarmentCrop):
+    if is_garment_crop(query):
         return {"query": query.label()}
     if isinstance(query, (str, bytes, os.PathLike)):
         return path_fields(query, "query")
@@ -149,13 +148,13 @@ def _item_path(item: dict) -> dict:
 
 def garment_query_fields(query: Any) -> dict:
     """A garment query's photo and box (its record's `query` is the garment id or path[box])."""
-    if isinstance(query, GarmentCrop):
+    if is_garment_crop(query):
         return {"path": str(query.path), "box": list(query.box)}
     return {}
 
 
 def query_name(query: Any, index: int) -> str:
-    if isinstance(query, GarmentCrop):
+    if is_garment_crop(query):
         return query.label()
     if isinstance(query, np.ndarray):
         return f"query-{index}"

@@ -33,10 +33,10 @@ import onnx
 from imat import __version__, contract
 from imat.constants import RESIZE_MODES
 from imat.errors import ConfigError, ModelError
-from imat.fileio import atomic_path
 from imat.export import validate as parity
 from imat.export.graph import GraphBuilder
 from imat.export.translate import build_backbone, normalized_embedding
+from imat.fileio import atomic_path
 from imat.train_jax.objectives import get_objective
 
 logger = logging.getLogger(__name__)
@@ -223,8 +223,8 @@ def jax_reference(model, embedding_source: str, outputs: Sequence[str]):
     import jax
     from flax import nnx
 
-    from imat.train_jax.models.heads import l2_normalize
     from imat.train_jax.evaluation import retrieval_outputs
+    from imat.train_jax.models.heads import l2_normalize
 
     ref = nnx.clone(model)
     ref.eval()  # BatchNorm running averages, no dropout; the caller's model keeps its mode
@@ -264,6 +264,43 @@ def read_metadata(path) -> contract.ModelMetadata:
 
 
 # ---- runs --------------------------------------------------------------------------------
+
+CALIBRATION_IMAGES = 128  # training images that set the int8 activation ranges
+HELDOUT_IMAGES = 256  # at most this many validation images for the int8 agreement gate
+
+
+def int8_path(out_path) -> pathlib.Path:
+    """Where `--quantize int8` writes the int8 model beside the float one: model.onnx -> model.int8.onnx."""
+    out_path = pathlib.Path(out_path)
+    return out_path.with_name(f"{out_path.stem}.int8{out_path.suffix or '.onnx'}")
+
+
+def quantize_run(run_dir, float_model, out_path, *, calibration_images: int = CALIBRATION_IMAGES,
+                 min_overlap: float | None = None):
+    """The int8 model of a run's exported float model: calibrated on the run's prepared training images,
+    gated on its validation images (`imat.export.quantize`); ModelError (nothing written) when refused."""
+    from imat.data_tools.prepared import PreparedSplit
+    from imat.export import quantize
+
+    run_dir = pathlib.Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    data_dir = config.get("data_dir")
+    if not data_dir or not pathlib.Path(data_dir).exists():
+        raise ModelError(f"--quantize int8 calibrates on the run's prepared dataset, but {run_dir / 'config.json'} "
+                         f"names {data_dir!r}, which is not there; prepare it again (imat data prepare) at that path")
+    train = PreparedSplit.open(data_dir, "train", cache=False)
+    heldout = PreparedSplit.open(data_dir, "validation", cache=False)
+    rng = np.random.default_rng(0)
+
+    def sample(split, count):
+        idx = np.sort(rng.choice(split.num_examples, min(count, split.num_examples), replace=False))
+        return np.asarray(split.images(idx.tolist()))
+
+    logger.info("int8: calibrating on %d training images, gate on %d held-out images of %s",
+                min(calibration_images, train.num_examples), min(HELDOUT_IMAGES, heldout.num_examples), data_dir)
+    kwargs = {} if min_overlap is None else {"min_overlap": min_overlap}
+    return quantize.quantize_int8(float_model, out_path, sample(train, calibration_images),
+                                  sample(heldout, HELDOUT_IMAGES), **kwargs)
 
 
 def export_run(run_dir, out_path, step: int | None = None) -> pathlib.Path:

@@ -60,3 +60,41 @@ def test_export_command_parity_failure_writes_nothing(run_dir, tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"parity check failed for {out}:" in err and "embedding: rel" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def bce_run_with_data(tmp_path_factory):
+    """A bce run whose config names a real prepared dataset (synthetic, 32 px): what --quantize calibrates on."""
+    import json
+
+    from imat.data_tools.synthetic import write_synthetic
+    from imat.data_tools.tfds_builder import prepare
+
+    root = tmp_path_factory.mktemp("qrun")
+    raw = write_synthetic(root / "raw", 70, seed=0, min_side=48, max_side=96, large_fraction=0.0)
+    data = prepare(raw, root / "prepared", image_size=32, workers=1, seed=0)
+    run = root / "run"
+    make_run(run, objective="bce", steps=(1,))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data_dir": str(data)}))
+    return run
+
+
+def test_export_quantize_int8_writes_a_gated_int8_model(bce_run_with_data, tmp_path, capsys):
+    from imat.export.onnx_export import read_metadata
+
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(bce_run_with_data), "--out", str(out), "--quantize", "int8"]) == 0
+    printed = capsys.readouterr().out
+    int8 = tmp_path / "model.int8.onnx"
+    assert f"\n{int8}\n" in printed and "int8 agreement: embedding top-10 overlap" in printed
+    assert "probabilities top-10 overlap" in printed and "calibration images" in printed
+    assert read_metadata(int8).extra["quantization"] == "int8" and "quantization" not in read_metadata(out).extra
+
+
+def test_export_quantize_without_the_dataset_is_one_clear_error(run_dir, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(run_dir), "--out", str(out), "--quantize", "int8"]) == 1
+    err = capsys.readouterr().err
+    assert "--quantize int8 calibrates on the run's prepared dataset" in err and "Traceback" not in err
+    assert not (tmp_path / "model.int8.onnx").exists()
