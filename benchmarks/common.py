@@ -36,7 +36,7 @@ def train_step_rate(arch: str, image_size: int, batch_size: int, repeats: int = 
         configure(model)
     model.train()
     optimizer = nnx.Optimizer(model, optax.adam(5e-4), wrt=nnx.Param)
-    step = make_train_step(nnx.graphdef(model), nnx.graphdef(optimizer), get_objective(objective), {})
+    step = make_train_step(nnx.graphdef(model), nnx.graphdef(optimizer), get_objective(objective).loss_and_metrics, {})
     rng = np.random.default_rng(0)
     batch = {
         "images": jax.device_put(rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import click
 
@@ -62,10 +63,28 @@ _OBJECTIVES_HELP = "; ".join(f"{n}: {get_objective(n).help}" for n in objective_
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=_D.keep_checkpoints, show_default=True)
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Random resized crop (60-100%% of the area) + horizontal flip; no colour changes.")
-def train(data_dir, workdir, epochs, steps, **options) -> None:
-    """Train a model; prints the final validation metrics as JSON."""
+@click.option("--data-shards", type=click.IntRange(min=1), default=None,
+              help="Shards the global batch is drawn from, a multiple of the processes (default: one per process; "
+                   "a resumed run keeps its own, so it sees the same batches on another number of hosts).")
+@click.option("--coordinator", default=None, metavar="HOST:PORT",
+              help="Multi-host: process 0's address, the same on every host (or JAX_COORDINATOR_ADDRESS).")
+@click.option("--num-processes", type=click.IntRange(min=1), default=None,
+              help="Multi-host: how many processes join (or JAX_NUM_PROCESSES).")
+@click.option("--process-id", type=click.IntRange(min=0), default=None,
+              help="Multi-host: this process's index, 0 on the host that writes (or JAX_PROCESS_ID).")
+def train(data_dir, workdir, epochs, steps, coordinator, num_processes, process_id, **options) -> None:
+    """Train a model; prints the final validation metrics as JSON.
+
+    Multi-host: run the same command on every host with --coordinator/--num-processes/--process-id
+    (or the JAX_* variables); process 0 writes the run folder, the others write nothing.
+    """
     from imat.train_jax.train import train_and_evaluate
 
+    # The flags are the environment variables imat.train_jax.sharding reads.
+    for name, value in (("JAX_COORDINATOR_ADDRESS", coordinator), ("JAX_NUM_PROCESSES", num_processes),
+                        ("JAX_PROCESS_ID", process_id)):
+        if value is not None:
+            os.environ[name] = str(value)
     if epochs is None and steps is None:
         epochs = TrainConfig.epochs
     config = TrainConfig(data_dir=data_dir, epochs=epochs, steps=steps, **options)

@@ -259,6 +259,41 @@ class OfflineTripletSource(BatchSource):
         return {"images": self._images(rows, step), "categories": self.split.categories[rows]}
 
 
+class ShardGroup:
+    """Several shards of one split read by one process: each batch is their batches end to end.
+
+    A process that reads shards k..k+m-1 of N supplies rows [k*b, (k+m)*b) of the global batch
+    (b the per-shard batch), so the global batch is the same whatever the number of processes.
+    """
+
+    def __init__(self, sources: Sequence[BatchSource]):
+        if not sources:
+            raise ValueError("a shard group needs at least one source")
+        self.sources = list(sources)
+        self.kind = self.sources[0].kind
+        self.split = self.sources[0].split
+        self.batch_size = sum(s.batch_size for s in self.sources)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return min(s.steps_per_epoch for s in self.sources)
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        return np.concatenate([s.batch_indices(step) for s in self.sources])
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        if len(self.sources) == 1:
+            return self.sources[0].batch(step)
+        parts = [s.batch(step) for s in self.sources]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None, prefetch_depth: int = 2) -> Iterator[dict]:
+        """As BatchSource.iterate."""
+        start = int(start_step)
+        steps = range(start, start + int(num_steps)) if num_steps is not None else _count(start)
+        return prefetch(self.batch, steps, prefetch_depth, name=f"imat-prefetch-{self.kind}")
+
+
 def make_pipeline(kind: str, split: PreparedSplit, *, batch_size: int, seed: int, augment: bool = False,
                   mining: str = "online", shard_index: int = 0, num_shards: int = 1,
                   relevance: Relevance = Relevance()) -> BatchSource:
@@ -279,4 +314,4 @@ def make_pipeline(kind: str, split: PreparedSplit, *, batch_size: int, seed: int
     raise ConfigError(f"pipeline kind {kind!r} is not one of {', '.join(KINDS)}")
 
 
-__all__: Sequence[str] = ("PreparedSplit", "BatchSource", "make_pipeline", "augment_batch", "find_dataset_dir")
+__all__: Sequence[str] = ("PreparedSplit", "BatchSource", "ShardGroup", "make_pipeline", "augment_batch", "find_dataset_dir")

@@ -12,6 +12,14 @@ tmp dir). Saving is synchronous so a step is durable when ``save`` returns.
 A latest checkpoint that fails to restore (files truncated or deleted inside the
 step dir) is moved to ``workdir/checkpoints_corrupt/`` with a warning and the
 previous one is used.
+
+Several processes (``jax.distributed``): the state is replicated, so process 0's
+local copy is the whole checkpoint. Only process 0 opens the Orbax manager (over
+itself alone) and writes, from host copies of its arrays; the others wait at a
+barrier. On restore process 0 reads and broadcasts the step and the state, so the
+other hosts need no access to ``workdir`` (no shared file system) and write
+nothing; the checkpoint is the same as a single-process one and resumes in one
+process (or in another number of processes).
 """
 
 from __future__ import annotations
@@ -25,13 +33,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from imat.errors import ConfigError, ModelError
+from imat.train_jax import sharding
 
 logger = logging.getLogger(__name__)
 
+# Barrier timeout of a multi-process save: long enough for a large model on a slow disk.
+_SAVE_BARRIER_TIMEOUT_S = 3600
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
 ITEMS = ("model", "optimizer", "meta")
@@ -68,6 +80,21 @@ def from_saveable(template_state, saved: dict):
     return state
 
 
+def _host_copy(tree):
+    """Host numpy copies of the (replicated) arrays of ``tree``: this process's replica of each."""
+
+    def copy(x):
+        if isinstance(x, jax.Array):
+            return np.asarray(x.addressable_data(0))
+        return x
+
+    return jax.tree.map(copy, tree)
+
+
+def _multiprocess() -> bool:
+    return jax.process_count() > 1
+
+
 def _finite(state) -> bool:
     leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
     return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
@@ -79,26 +106,48 @@ class CheckpointStore:
     def __init__(self, workdir, *, keep: int = 3, read_only: bool = False):
         self.workdir = pathlib.Path(workdir).resolve()
         self.directory = self.workdir / CHECKPOINT_DIR
+        self._saves = 0
+        multiprocessing = {}
+        if _multiprocess():
+            self.manager = None
+            if jax.process_index() != 0:
+                return  # process 0 reads and writes; see the module doc
+            # A manager over process 0 alone (Orbax then cannot create the root itself).
+            multiprocessing = {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+                primary_host=0, active_processes={0}, barrier_sync_key_prefix="imat")}
+            if not read_only:
+                self.directory.mkdir(parents=True, exist_ok=True)
         if read_only:  # (the values Orbax would force for read_only, given so it does not warn)
             options = ocp.CheckpointManagerOptions(
                 read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
-                enable_async_checkpointing=False,
+                enable_async_checkpointing=False, **multiprocessing,
             )
         else:
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
-                create=True,
+                create=not multiprocessing,
                 enable_async_checkpointing=False,
                 # remove tmp dirs of a save that a killed process left half written
                 cleanup_tmp_directories=True,
+                **multiprocessing,
             )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        return sorted(self.manager.all_steps()) if self.manager is not None else []
 
     def save(self, step: int, model_state, optimizer_state, meta: dict[str, Any]) -> None:
-        """Write step ``step`` (synchronously; atomic through Orbax's tmp dir + rename)."""
+        """Write step ``step`` (synchronously; atomic through Orbax's tmp dir + rename).
+        Several processes: every one calls this; process 0 writes, the others wait for it."""
+        if _multiprocess():
+            if self.manager is not None:
+                self._write(step, _host_copy(model_state), _host_copy(optimizer_state), meta)
+            self._saves += 1  # a unique barrier name per save, the same on every process
+            ocp.multihost.sync_global_processes(f"imat-checkpoint-save-{self._saves}", timeout=_SAVE_BARRIER_TIMEOUT_S)
+            return
+        self._write(step, model_state, optimizer_state, meta)
+
+    def _write(self, step: int, model_state, optimizer_state, meta: dict[str, Any]) -> None:
         if step in self.manager.all_steps():
             return  # already saved (e.g. a resumed run that finishes at its restore point)
         self.manager.save(
@@ -114,12 +163,14 @@ class CheckpointStore:
 
     def restore(self, step: int, model_template, optimizer_template=None):
         """(model_state, optimizer_state or None, meta) of ``step``; raises on a damaged step."""
+        # Several processes: process 0 alone reads, into host arrays (a numpy target).
+        target = _host_copy if _multiprocess() else _abstract
         items = {
-            "model": ocp.args.StandardRestore(_abstract(to_saveable(model_template))),
+            "model": ocp.args.StandardRestore(target(to_saveable(model_template))),
             "meta": ocp.args.JsonRestore(),
         }
         if optimizer_template is not None:
-            items["optimizer"] = ocp.args.StandardRestore(_abstract(to_saveable(optimizer_template)))
+            items["optimizer"] = ocp.args.StandardRestore(target(to_saveable(optimizer_template)))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         model_state = from_saveable(model_template, restored["model"])
         opt_state = from_saveable(optimizer_template, restored["optimizer"]) if optimizer_template is not None else None
@@ -133,7 +184,23 @@ class CheckpointStore:
 
         A step that fails is logged as a warning and (when ``quarantine``) moved to
         ``workdir/checkpoints_corrupt/`` so that a later save of the same step can succeed.
+        Several processes: every one calls this and gets process 0's result, the states as
+        host arrays (to be placed on the mesh by the caller).
         """
+        if not _multiprocess():
+            return self._restore_latest(model_template, optimizer_template, quarantine)
+        from jax.experimental import multihost_utils
+
+        found = self._restore_latest(model_template, optimizer_template, quarantine) if self.manager else None
+        step = int(multihost_utils.broadcast_one_to_all(np.int64(found[0] if found else -1)))
+        if step < 0:
+            return None
+        meta = sharding.broadcast_json(found[3] if found else None)
+        ours = found[1:3] if found else (_host_copy(model_template), _host_copy(optimizer_template))
+        model_state, opt_state = multihost_utils.broadcast_one_to_all(ours)
+        return step, model_state, opt_state, meta
+
+    def _restore_latest(self, model_template, optimizer_template, quarantine: bool):
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 model_state, opt_state, meta = self.restore(step, model_template, optimizer_template)
@@ -164,7 +231,8 @@ class CheckpointStore:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.close()
+        if self.manager is not None:
+            self.manager.close()
 
 
 def read_run_config(run_dir) -> dict:

@@ -69,6 +69,10 @@ class TrainConfig:
     width_mult: float | None = None  # mobilenet_v2 width multiplier (None: the architecture's 1.0)
     input_pool: int = 1  # > 1: the network sees the input averaged over pool x pool blocks (cheaper, same data)
     augment: bool = False
+    # How many shards the global batch is drawn from, one or more per process (None: one per
+    # process). Recorded at the first launch and kept on resume, so a run resumed on another
+    # number of processes (hosts) goes on with the batches it would have seen.
+    data_shards: int | None = None
     map_k: int = 10
     # Served as model.onnx's `embedding`; None: the objective's default (its spec).
     embedding_source: str | None = None
@@ -128,7 +132,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(f"--{name.replace('_', '-')}", f"{value!r} must be a positive integer")
-        for name in ("epochs", "steps", "eval_every", "checkpoint_every"):
+        for name in ("epochs", "steps", "eval_every", "checkpoint_every", "data_shards"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 bad(f"--{name.replace('_', '-')}", f"{value!r} must be a positive integer")

@@ -15,7 +15,9 @@ batch with ``jax.make_array_from_process_local_data``.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 
 import jax
@@ -88,13 +90,16 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """ConfigError unless the global batch divides evenly over the devices and processes."""
+def check_batch_size(batch_size: int, mesh: Mesh, data_shards: int | None = None) -> None:
+    """ConfigError unless the global batch divides evenly over the devices, processes and data shards."""
     n = mesh.devices.size
-    if batch_size % n or batch_size % jax.process_count():
+    shards = data_shards or jax.process_count()
+    unit = math.lcm(n, jax.process_count(), shards)
+    if batch_size % unit:
         raise ConfigError(
-            f"--batch-size {batch_size} must be a multiple of the number of devices ({n}) "
-            f"and processes ({jax.process_count()}); choose e.g. {max(n, (batch_size // n) * n)}"
+            f"--batch-size {batch_size} must be a multiple of the number of devices ({n}), "
+            f"processes ({jax.process_count()}) and data shards ({shards}); "
+            f"choose e.g. {max(unit, (batch_size // unit) * unit)}"
         )
 
 
@@ -107,5 +112,36 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def replicate(tree, mesh: Mesh):
-    """Place a pytree (model/optimizer state) replicated on every device of the mesh."""
-    return jax.device_put(tree, replicated_sharding(mesh))
+    """Place a pytree (model/optimizer state) replicated on every device of the mesh.
+
+    Every process holds the same values (a seeded init, a restored checkpoint). With several
+    processes ``jax.device_put`` would verify that with one cross-process all-gather per leaf
+    (hundreds of tiny collectives); each process supplies its own devices' copies instead.
+    """
+    sharding = replicated_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def place(x):
+        if _is_key(x):
+            return jax.random.wrap_key_data(place(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, tree)
+
+
+def broadcast_json(value):
+    """Process 0's ``value`` (anything JSON can carry) on every process; ``value`` itself alone."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    ours = data if jax.process_index() == 0 else np.zeros(size, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(ours), np.uint8).tobytes().decode())
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

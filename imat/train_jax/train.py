@@ -125,7 +125,14 @@ def all_finite(tree) -> jax.Array:
 # ---- the loop, as named steps ---------------------------------------------------------------------
 
 
-def _validation_source(make_pipeline, kind: str, val_split, seed: int, common: dict):
+def _shard_group(make_pipeline, kind: str, split, shards: range, **kw):
+    """A ShardGroup over this process's shards (each a BatchSource of the per-shard batch size)."""
+    from imat.data_tools.pipelines import ShardGroup
+
+    return ShardGroup([make_pipeline(kind, split, shard_index=i, **kw) for i in shards])
+
+
+def _validation_source(make_pipeline, kind: str, val_split, seed: int, shards: range, common: dict):
     """The validation pipeline, with a smaller batch when the split is smaller than a training batch.
 
     A small dataset (a demo, a first try on 50 photos) must still be evaluated; the batch is
@@ -135,7 +142,8 @@ def _validation_source(make_pipeline, kind: str, val_split, seed: int, common: d
     batch_size = common["batch_size"]
     while True:
         try:
-            return make_pipeline(kind, val_split, seed=seed, augment=False, **{**common, "batch_size": batch_size})
+            return _shard_group(make_pipeline, kind, val_split, shards, seed=seed, augment=False,
+                                **{**common, "batch_size": batch_size})
         except ConfigError:
             smaller = (batch_size // 2 // devices) * devices
             if smaller < devices:
@@ -150,15 +158,27 @@ class _Data:
     val_split: Any
     train_source: Any
     val_source: Any
-    num_shards: int
+    num_processes: int
 
     @property
     def steps_per_epoch(self) -> int:
         return self.train_source.steps_per_epoch
 
 
+def process_shards(data_shards: int) -> range:
+    """The data shards this process reads: a contiguous block, so that the processes' local
+    batches, end to end, are the global batch of a single process reading all shards."""
+    index, count = sharding.data_shard_info()
+    if data_shards % count:
+        raise ConfigError(f"--data-shards {data_shards} must be a multiple of the number of processes ({count}); "
+                          "a resumed run keeps the number it started with: pass --data-shards to change it "
+                          "(the batches from there on then differ)")
+    per = data_shards // count
+    return range(index * per, (index + 1) * per)
+
+
 def open_data(config: TrainConfig) -> _Data:
-    """The prepared splits and the objective's pipelines over this host's shard; records the
+    """The prepared splits and the objective's pipelines over this host's shards; records the
     dataset's resize mode in ``config`` (it travels into model.onnx)."""
     from imat.data_tools.pipelines import PreparedSplit, make_pipeline  # heavy (tfds); only training needs it
 
@@ -178,12 +198,14 @@ def open_data(config: TrainConfig) -> _Data:
     if not spec.supervised:
         train_split = train_split.with_unlabelled()  # self-supervision also learns from unlabelled photos
     val_split = PreparedSplit.open(config.data_dir, "validation")
-    shard_index, num_shards = sharding.data_shard_info()
-    common = dict(batch_size=config.batch_size // num_shards, shard_index=shard_index, num_shards=num_shards,
+    data_shards = config.data_shards or jax.process_count()
+    shards = process_shards(data_shards)
+    common = dict(batch_size=config.batch_size // data_shards, num_shards=data_shards,
                   relevance=config.relevance, **spec.pipeline_options(config))
-    train_source = make_pipeline(spec.pipeline, train_split, seed=config.seed, augment=config.augment, **common)
-    val_source = _validation_source(make_pipeline, spec.pipeline, val_split, config.seed, common)
-    return _Data(train_split, val_split, train_source, val_source, num_shards)
+    train_source = _shard_group(make_pipeline, spec.pipeline, train_split, shards, seed=config.seed,
+                                augment=config.augment, **common)
+    val_source = _validation_source(make_pipeline, spec.pipeline, val_split, config.seed, shards, common)
+    return _Data(train_split, val_split, train_source, val_source, jax.process_count())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,13 +271,15 @@ def init_model(config: TrainConfig, mesh, num_steps: int) -> _Model:
     return _Model(model_graphdef, opt_graphdef, eval_graphdef, sharding.replicate((model_state, opt_state), mesh))
 
 
-def restore(store: CheckpointStore, state: tuple, workdir: pathlib.Path) -> tuple[int, tuple]:
+def restore(store: CheckpointStore, state: tuple, workdir: pathlib.Path, mesh) -> tuple[int, tuple]:
     """(start step, state): the latest readable, finite checkpoint, or (0, state) for a new run."""
     found = store.restore_latest(state[0], state[1])
     if found is None:
         return 0, state
     step, model_state, opt_state, _ = found
     logger.info("resuming %s from step %d", workdir, step)
+    if jax.process_count() > 1:  # several processes restore host copies (checkpoint.py): place them
+        return step, sharding.replicate((model_state, opt_state), mesh)
     return step, (model_state, opt_state)
 
 
@@ -298,7 +322,7 @@ def run_loop(config: TrainConfig, data: _Data, schedule: _Schedule, model: _Mode
     step = start_step
     try:
         for batch in data.train_source.iterate(start_step, schedule.num_steps - start_step):
-            window_images += int(batch["images"].shape[0]) * data.num_shards
+            window_images += int(batch["images"].shape[0]) * data.num_processes
             state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
             pending.append(metrics)
             step += 1
@@ -318,10 +342,10 @@ def run_loop(config: TrainConfig, data: _Data, schedule: _Schedule, model: _Mode
             if schedule.due(step, schedule.eval_every):
                 run_eval(step)
                 changed = True
+            if changed:  # before the checkpoint: a run killed after a save must find the rows it covers
+                log.write()
             if schedule.due(step, schedule.checkpoint_every):
                 save(step)
-            if changed:
-                log.write()
         if not any(r["split"] == "val" and r["step"] == schedule.num_steps for r in log.rows):
             run_eval(schedule.num_steps)  # e.g. a rerun of a finished run whose last evaluation was lost
             log.write()
@@ -329,6 +353,19 @@ def run_loop(config: TrainConfig, data: _Data, schedule: _Schedule, model: _Mode
     finally:
         bar.close()
     return state
+
+
+def resolve_data_shards(config: TrainConfig, previous: TrainConfig | None, workdir: pathlib.Path) -> int:
+    """The run's number of data shards: given, else kept from the run being resumed, else one
+    per process; process 0's answer on every process (only it may see ``workdir``)."""
+    shards = config.data_shards
+    if previous is not None and previous.data_shards and _checkpoint_steps(workdir):
+        if shards is None:
+            shards = previous.data_shards
+        elif shards != previous.data_shards:
+            logger.warning("resuming with %d data shards (was %d): the batches from here on differ from the "
+                           "original run's", shards, previous.data_shards)
+    return int(sharding.broadcast_json(shards or jax.process_count()))
 
 
 def write_run_config(config: TrainConfig, workdir: pathlib.Path) -> None:
@@ -340,12 +377,14 @@ def train_and_evaluate(config: TrainConfig, workdir) -> dict[str, Any]:
     """Train (or resume) a run in ``workdir``; returns ``{"step", "train": {...}, "val": {...}}``."""
     config = dataclasses.replace(config).validate()  # a copy: the dataset's facts are recorded into it
     workdir = pathlib.Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     sharding.maybe_initialize_distributed()
     is_main = jax.process_index() == 0
+    if is_main:  # the other processes write nothing (and need not see workdir: checkpoint.py)
+        workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.batch_size, mesh)
-    check_resume(config, workdir)
+    previous = check_resume(config, workdir)
+    config.data_shards = resolve_data_shards(config, previous, workdir)
+    sharding.check_batch_size(config.batch_size, mesh, config.data_shards)
 
     data = open_data(config)
     schedule = make_schedule(config, data.steps_per_epoch)
@@ -354,12 +393,14 @@ def train_and_evaluate(config: TrainConfig, workdir) -> dict[str, Any]:
         write_run_config(config, workdir)
     store = CheckpointStore(workdir, keep=config.keep_checkpoints)
     try:
-        start_step, model.state = restore(store, model.state, workdir)
+        start_step, model.state = restore(store, model.state, workdir, mesh)
         if start_step > schedule.num_steps:
             logger.warning("the latest checkpoint (step %d) is past the requested %d steps; evaluating it",
                            start_step, schedule.num_steps)
             schedule = dataclasses.replace(schedule, num_steps=start_step)
         log = RunLog(workdir, config, start_step, is_main)
+        # Process 0's history on every process, so the divergence check decides the same everywhere.
+        log.rows = sharding.broadcast_json(log.rows)
         logger.info("training %s (%s) for %d steps (%d/epoch) on %d device(s), batch %d; workdir %s", config.arch,
                     config.objective, schedule.num_steps, schedule.steps_per_epoch, mesh.devices.size,
                     config.batch_size, workdir)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from imat.data_tools import tfds_builder
-from imat.data_tools.pipelines import PreparedSplit, augment_batch, find_dataset_dir, make_pipeline
+from imat.data_tools.pipelines import PreparedSplit, ShardGroup, augment_batch, find_dataset_dir, make_pipeline
 from imat.data_tools.synthetic import write_synthetic
 from imat.errors import ConfigError, DataError
 from imat.relevance import Relevance, jaccard, relevance_masks
@@ -135,6 +135,25 @@ def test_shards_are_disjoint(kind, mining):
         assert set(used.tolist()) <= own
     with pytest.raises(ConfigError, match="shard_index"):
         make_pipeline(kind, split, batch_size=4, seed=1, mining=mining, shard_index=3, num_shards=3)
+
+
+@pytest.mark.parametrize("kind,mining", KINDS)
+def test_shard_group_is_its_shards_end_to_end(kind, mining):
+    # One process reading shards 1 and 2 of 4 supplies rows [b, 3b) of the global batch, whatever
+    # the number of processes: the group's batch is its shards' batches end to end.
+    split = _in_memory_split(_outfit_labels(120, seed=2))
+    shards = [make_pipeline(kind, split, batch_size=4, seed=1, mining=mining, shard_index=i, num_shards=4)
+              for i in (1, 2)]
+    group = ShardGroup(shards)
+    assert group.batch_size == 8 and group.steps_per_epoch == min(s.steps_per_epoch for s in shards)
+    for step in (0, group.steps_per_epoch + 1):
+        batch, parts = group.batch(step), [s.batch(step) for s in shards]
+        assert set(batch) == set(parts[0])
+        for key in batch:
+            np.testing.assert_array_equal(batch[key], np.concatenate([p[key] for p in parts]))
+        np.testing.assert_array_equal(group.batch_indices(step), np.concatenate([s.batch_indices(step) for s in shards]))
+    first = next(iter(group.iterate(3, 1)))
+    np.testing.assert_array_equal(first["images"], group.batch(3)["images"])
 
 
 @pytest.mark.parametrize("batch_size,threshold", [(8, 0.5), (7, 0.5), (8, 0.3)])

@@ -1,5 +1,5 @@
-"""imat.train_jax.models.layers.Conv: the CPU-only "taps" formulation of a regular conv equals
-lax.conv (forward and gradients) and "auto" picks it only for the shapes XLA:CPU runs slowly."""
+"""imat.train_jax.models.layers.Conv: the CPU-only "taps" and "im2col" formulations of a regular
+conv equal lax.conv (forward and gradients) and "auto" picks them by shape on the CPU only."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from flax import nnx
 
 from imat.errors import ConfigError
 from imat.train_jax.models import create_model
-from imat.train_jax.models.layers import Conv, conv, conv_taps, set_conv_impl, taps_is_faster
+from imat.train_jax.models.layers import (
+    Conv,
+    conv,
+    conv_im2col,
+    conv_taps,
+    cpu_conv_formulation,
+    set_conv_impl,
+    taps_is_faster,
+)
 
 
 def _lax(x, k, strides, padding):
@@ -22,6 +30,13 @@ def _lax(x, k, strides, padding):
 
 def _taps(x, k, strides, padding):
     return conv_taps(x, k, strides, padding, precision="highest")
+
+
+def _im2col(x, k, strides, padding):
+    return conv_im2col(x, k, strides, padding, precision="highest")
+
+
+FORMULATIONS = {"taps": _taps, "im2col": _im2col}
 
 
 def _rel(a, b):
@@ -36,14 +51,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("formulation", sorted(FORMULATIONS))
 @pytest.mark.parametrize("h,w,k,stride", CASES)
-def test_taps_equals_lax_forward_and_gradients(h, w, k, stride):
+def test_formulation_equals_lax_forward_and_gradients(h, w, k, stride, formulation):
+    impl = FORMULATIONS[formulation]
     rng = np.random.default_rng(h * 100 + w * 10 + k + stride)
     x = jnp.asarray(rng.standard_normal((3, h, w, 6)), jnp.float32)
     kern = jnp.asarray(rng.standard_normal((k, k, 6, 5)), jnp.float32)
     strides, padding = (stride, stride), ((k // 2, k // 2), (k // 2, k // 2))
     ref = _lax(x, kern, strides, padding)
-    out = jax.jit(_taps, static_argnums=(2, 3))(x, kern, strides, padding)
+    out = jax.jit(impl, static_argnums=(2, 3))(x, kern, strides, padding)
     assert out.shape == ref.shape
     assert _rel(out, ref) <= 1e-5
 
@@ -53,17 +70,19 @@ def test_taps_equals_lax_forward_and_gradients(h, w, k, stride):
         return lambda x, k: jnp.sum(f(x, k, strides, padding) * cot)
 
     gx_ref, gk_ref = jax.grad(loss(_lax), argnums=(0, 1))(x, kern)
-    gx, gk = jax.jit(jax.grad(loss(_taps), argnums=(0, 1)))(x, kern)
+    gx, gk = jax.jit(jax.grad(loss(impl), argnums=(0, 1)))(x, kern)
     assert _rel(gx, gx_ref) <= 1e-5
     assert _rel(gk, gk_ref) <= 1e-5
 
 
-def test_taps_asymmetric_padding():
+@pytest.mark.parametrize("formulation", sorted(FORMULATIONS))
+def test_formulation_asymmetric_padding_and_strides(formulation):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 5, 4, 3)), jnp.float32)
     kern = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
     padding = ((0, 1), (2, 1))
-    assert _rel(_taps(x, kern, (2, 1), padding), _lax(x, kern, (2, 1), padding)) <= 1e-5
+    impl = FORMULATIONS[formulation]
+    assert _rel(impl(x, kern, (2, 1), padding), _lax(x, kern, (2, 1), padding)) <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -90,6 +109,25 @@ def test_taps_rule(in_hw, k, stride, expected):
     assert taps_is_faster(in_hw, (k, k), (stride, stride), ((p, p), (p, p))) is expected
 
 
+@pytest.mark.parametrize(
+    "in_hw,k,stride,expected",
+    [
+        ((32, 32), 1, 1, "im2col"),  # every 1x1 conv: XLA:CPU's 1x1 gradients are 4-7x slower
+        ((2, 2), 1, 1, "im2col"),
+        ((32, 32), 1, 2, "im2col"),
+        ((128, 128), 7, 2, "im2col"),  # the stem
+        ((32, 32), 3, 2, "im2col"),
+        ((32, 32), 3, 1, "im2col"),
+        ((8, 8), 3, 1, "im2col"),
+        ((2, 2), 3, 1, "taps"),  # the tiny maps taps_is_faster names keep taps
+        ((4, 4), 3, 2, "taps"),
+    ],
+)
+def test_cpu_formulation_rule(in_hw, k, stride, expected):
+    p = k // 2
+    assert cpu_conv_formulation(in_hw, (k, k), (stride, stride), ((p, p), (p, p))) == expected
+
+
 def _traced_ops(layer, x):
     return str(jax.make_jaxpr(lambda x: layer(x))(x))
 
@@ -102,11 +140,16 @@ def test_auto_dispatch_picks_taps_only_for_slow_shapes_on_cpu():
     small = jnp.zeros((2, 2, 2, 8))
     big = jnp.zeros((2, 5, 5, 8))
     assert layer.uses_taps(small) and not layer.uses_taps(big)
+    assert layer.formulation(big) == cpu_conv_formulation((5, 5), (3, 3), (1, 1), ((1, 1), (1, 1)))
     assert "conv_general_dilated" not in _traced_ops(layer, small)
+    set_conv_impl(layer, "lax")
     assert "conv_general_dilated" in _traced_ops(layer, big)
+    set_conv_impl(layer, "auto")
     strided = conv(8, 8, 3, 2, rngs=nnx.Rngs(0))
     assert strided.uses_taps(jnp.zeros((2, 4, 4, 8))) and not strided.uses_taps(jnp.zeros((2, 6, 6, 8)))
-    assert not conv(8, 8, 1, 1, rngs=nnx.Rngs(0)).uses_taps(small)
+    pointwise = conv(8, 8, 1, 1, rngs=nnx.Rngs(0))
+    assert not pointwise.uses_taps(small) and pointwise.formulation(big) == "im2col"
+    assert "conv_general_dilated" not in _traced_ops(pointwise, big)
     # Forced modes; both give the same values.
     set_conv_impl(layer, "lax")
     assert not layer.uses_taps(small)
@@ -121,6 +164,7 @@ def test_auto_dispatch_keeps_lax_off_cpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     layer = conv(8, 8, 3, 1, rngs=nnx.Rngs(0))
     assert not layer.uses_taps(jnp.zeros((2, 2, 2, 8)))
+    assert conv(8, 8, 1, 1, rngs=nnx.Rngs(0)).formulation(jnp.zeros((2, 8, 8, 8))) == "lax"
 
 
 def test_conv_impl_validation_and_unchanged_state():
@@ -144,3 +188,46 @@ def test_resnet_tiny_same_outputs_with_taps_and_lax():
     set_conv_impl(m, "taps")
     out = m(images)["logits"]
     assert _rel(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("arch,size,batch", [("resnet_tiny", 32, 4), ("mobilenet_v2", 64, 8)])
+def test_train_gradients_equal_across_conv_formulations(arch, size, batch):
+    """The whole model in train mode (BatchNorm batch statistics): loss and every parameter
+    gradient with the CPU "auto" formulations equal the standard convolution's."""
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    grads = {}
+    for impl in ("lax", "auto"):
+        m = create_model(arch, rngs=nnx.Rngs(0), **({"width_mult": 0.25} if arch == "mobilenet_v2" else {}))
+        set_conv_impl(m, impl)
+        m.train()
+
+        def loss(m):
+            return jnp.mean(m(images)["logits"] ** 2)
+
+        value, g = nnx.value_and_grad(loss)(m)
+        grads[impl] = (float(value), {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(g, nnx.Param))})
+    ref_value, ref = grads["lax"]
+    value, g = grads["auto"]
+    # float32 sums in another order, amplified through a dozen BatchNorms: ~1e-5 on the loss,
+    # <= 1e-3 of each gradient. Gradients that are 0 in exact arithmetic (a BN bias right before
+    # another BN) are float noise either way, hence the floor relative to the largest gradient.
+    assert value == pytest.approx(ref_value, rel=1e-4)
+    assert g.keys() == ref.keys()
+    floor = 1e-6 * max(np.linalg.norm(v) for v in ref.values())
+    for k in ref:
+        assert np.linalg.norm(g[k] - ref[k]) <= 1e-3 * np.linalg.norm(ref[k]) + floor, k
+
+
+def test_max_pool_gradient_equals_select_and_scatter():
+    """imat's CPU max-pool gradient sends each output's gradient to the first max of its window,
+    exactly as XLA's select-and-scatter, also with ties (post-ReLU zeros) and odd sizes."""
+    from imat.train_jax.models.layers import _max_pool_3x3_s2_cpu, _max_pool_3x3_s2_lax
+
+    rng = np.random.default_rng(0)
+    for shape in [(2, 8, 8, 3), (2, 7, 9, 4), (1, 2, 2, 2)]:
+        x = jnp.asarray(np.maximum(rng.standard_normal(shape), 0).round(1), jnp.float32)  # many ties
+        y_ref, vjp_ref = jax.vjp(_max_pool_3x3_s2_lax, x)
+        y, vjp = jax.vjp(_max_pool_3x3_s2_cpu, x)
+        assert np.array_equal(np.asarray(y), np.asarray(y_ref))
+        dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+        np.testing.assert_allclose(np.asarray(vjp(dy)[0]), np.asarray(vjp_ref(dy)[0]), rtol=1e-6, atol=1e-6)

@@ -40,6 +40,21 @@ def test_bad_process_settings_are_config_errors(monkeypatch):
         sharding.maybe_initialize_distributed()
 
 
+def test_batch_must_divide_over_data_shards():
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(12, mesh, data_shards=4)
+    with pytest.raises(ConfigError, match=r"--batch-size 10 .*data shards \(4\)"):
+        sharding.check_batch_size(10, mesh, data_shards=4)
+
+
+def test_single_process_reads_every_data_shard_and_broadcast_is_identity():
+    from imat.train_jax.train import process_shards
+
+    assert process_shards(3) == range(3)
+    value = {"rows": [{"step": 1, "loss": 0.5}]}
+    assert sharding.broadcast_json(value) is value
+
+
 def test_two_host_devices_split_the_batch():
     code = textwrap.dedent(
         """

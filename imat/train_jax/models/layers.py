@@ -1,6 +1,8 @@
 """Building blocks shared by the imat backbones: explicit-padding convs, BatchNorm, pooling,
-the in-model ImageNet normalisation, and two convs with a CPU-only second formulation: the
-regular ``Conv`` ("taps" for the small spatial sizes XLA:CPU handles badly) and ``DepthwiseConv``.
+the in-model ImageNet normalisation, and two convs with CPU-only formulations: the regular
+``Conv`` ("im2col" and "taps", for the shapes whose XLA:CPU convolution, or its gradient, is
+slow) and ``DepthwiseConv``. Every formulation uses the same parameters and computes the same
+function (tests compare forward and gradients with ``lax.conv_general_dilated``).
 
 Every conv here is an ``nnx.Conv`` subclass (``Conv`` or ``DepthwiseConv``) with *explicit*
 symmetric padding ``((k//2, k//2), (k//2, k//2))`` exactly as torchvision, never "SAME"
@@ -15,6 +17,7 @@ variance, torch with the unbiased one; it only matters during training.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -29,7 +32,7 @@ logger = logging.getLogger(__name__)
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # Flax convention; equals torch momentum=0.1
 DEPTHWISE_MODES = ("auto", "grouped", "shifted")
-CONV_MODES = ("auto", "lax", "taps")
+CONV_MODES = ("auto", "lax", "taps", "im2col")
 
 # torchvision inits convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -57,11 +60,59 @@ def batch_norm(features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
     return nnx.BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
 
 
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """torchvision's MaxPool2d(3, stride=2, padding=1): pads with -inf by (1, 1) on H and W."""
+def _max_pool_3x3_s2_lax(x: jax.Array) -> jax.Array:
     return jax.lax.reduce_window(
         x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
     )
+
+
+def _pool_taps(xp: jax.Array, ho: int, wo: int):
+    """The 9 stride-2 slices of the padded input, window position (i, j) in row-major order."""
+    b, _, _, c = xp.shape
+    for i in range(3):
+        for j in range(3):
+            yield i, j, jax.lax.slice(xp, (0, i, j, 0), (b, i + 2 * (ho - 1) + 1, j + 2 * (wo - 1) + 1, c), (1, 2, 2, 1))
+
+
+@jax.custom_vjp
+def _max_pool_3x3_s2_cpu(x: jax.Array) -> jax.Array:
+    return _max_pool_3x3_s2_lax(x)
+
+
+def _max_pool_fwd(x):
+    y = _max_pool_3x3_s2_lax(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(residuals, dy):
+    """Each output's gradient goes to the first input of its window (row-major) equal to the max,
+    as select-and-scatter does: 9 masked, strided scatters written as interior-padded adds."""
+    x, y = residuals
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    ho, wo = y.shape[1], y.shape[2]
+    zero = jnp.zeros((), dy.dtype)
+    taken = jnp.zeros(y.shape, bool)
+    dxp = jnp.zeros(xp.shape, dy.dtype)
+    for i, j, tap in _pool_taps(xp, ho, wo):
+        first = (tap == y) & ~taken
+        taken = taken | first
+        high = ((0, 0, 0), (i, xp.shape[1] - i - 2 * (ho - 1) - 1, 1), (j, xp.shape[2] - j - 2 * (wo - 1) - 1, 1), (0, 0, 0))
+        dxp = dxp + jax.lax.pad(jnp.where(first, dy, zero), zero, high)
+    return (dxp[:, 1:-1, 1:-1, :],)
+
+
+_max_pool_3x3_s2_cpu.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """torchvision's MaxPool2d(3, stride=2, padding=1): pads with -inf by (1, 1) on H and W.
+
+    On the CPU backend its gradient is imat's own (``_max_pool_bwd``): XLA:CPU lowers
+    select-and-scatter to a variadic reduce-window over four index arrays, ~5x slower; the values
+    and the gradient (to the first max of each window) are the same."""
+    if jax.default_backend() == "cpu":
+        return _max_pool_3x3_s2_cpu(x)
+    return _max_pool_3x3_s2_lax(x)
 
 
 def normalize_images(images: jax.Array, pool: int = 1) -> jax.Array:
@@ -128,19 +179,91 @@ def conv_taps(x: jax.Array, kernel: jax.Array, strides, padding, precision=None)
     return out
 
 
-def depthwise_shifted(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Depthwise conv as kh*kw shifted multiply-adds; equal to the grouped conv.
-
-    x: [B, H, W, C]; kernel: HWIO [kh, kw, 1, C] (the grouped conv's own parameter);
-    symmetric zero padding ``padding`` and stride ``stride`` on H and W, as torchvision.
-    XLA:CPU lowers ``feature_group_count=C`` to a slow generic loop; elementwise
-    multiply-adds over strided slices vectorise well instead.
-    """
-    kh, kw = kernel.shape[0], kernel.shape[1]
+def _im2col_patches(x: jax.Array, kh: int, kw: int, strides, padding) -> jax.Array:
+    """[B, Ho, Wo, kh*kw*C]: the taps (strided slices of the zero-padded input), tap-major as HWIO."""
+    sh, sw = strides
     b, h, w, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    ho = (h + 2 * padding - kh) // stride + 1
-    wo = (w + 2 * padding - kw) // stride + 1
+    ho = _conv_out_size(h, kh, sh, padding[0])
+    wo = _conv_out_size(w, kw, sw, padding[1])
+    if any(p for pair in padding for p in pair):
+        x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    taps = [
+        jax.lax.slice(x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+        for i in range(kh) for j in range(kw)
+    ]
+    return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def _lax_conv(x, kernel, strides, padding, precision):
+    return jax.lax.conv_general_dilated(
+        x, kernel, tuple(strides), tuple(tuple(p) for p in padding),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_im2col(x: jax.Array, kernel: jax.Array, strides, padding, precision=None) -> jax.Array:
+    """A regular conv as one matrix product: the kh*kw taps (strided slices of the padded input)
+    concatenated on the channel axis ([B*Ho*Wo, kh*kw*Cin], tap-major like HWIO) @ the kernel
+    reshaped to [kh*kw*Cin, Cout]. A 1x1 conv is a (strided) slice and a product, no copy.
+
+    Why: XLA:CPU computes a conv's kernel gradient (and, for 1x1 and strided convs, the input
+    gradient) 2-7x slower than the forward conv. Here the kernel gradient is one product over the
+    patch matrix the forward pass built (kept as the residual), and the input gradient is the
+    product ``dy @ kernel^T`` folded back onto the input (col2im), except for stride-1 kxk convs,
+    whose input gradient XLA computes fast itself. ``strides`` (sh, sw); ``padding`` ((top,
+    bottom), (left, right)); same arguments and result as ``conv_taps`` and ``lax.conv``.
+    """
+    return _conv_im2col_fwd(x, kernel, strides, padding, precision)[0]
+
+
+def _conv_im2col_fwd(x, kernel, strides, padding, precision):
+    kh, kw, _, cout = kernel.shape
+    patches = _im2col_patches(x, kh, kw, strides, padding)
+    b, ho, wo, k = patches.shape
+    out = jnp.dot(patches.reshape(b * ho * wo, k), kernel.reshape(k, cout), precision=precision)
+    return out.reshape(b, ho, wo, cout), (patches, kernel, jnp.zeros((0,) + x.shape[1:], x.dtype))
+
+
+def _conv_im2col_bwd(strides, padding, precision, residuals, dy):
+    patches, kernel, x_like = residuals
+    kh, kw, _, cout = kernel.shape
+    b, ho, wo, k = patches.shape
+    x_shape = (b,) + x_like.shape[1:]
+    dy2 = dy.reshape(b * ho * wo, cout)
+    dkernel = jax.lax.dot_general(patches.reshape(b * ho * wo, k), dy2, (((0,), (0,)), ((), ())), precision=precision)
+    zeros = jnp.zeros(x_shape, dy.dtype)
+    if kh * kw > 1 and tuple(strides) == (1, 1):
+        _, vjp = jax.vjp(lambda x: _lax_conv(x, kernel, strides, padding, precision), zeros)
+        (dx,) = vjp(dy)
+    else:
+        dpatches = jnp.dot(dy2, kernel.reshape(k, cout).T, precision=precision).reshape(b, ho, wo, k)
+        _, vjp = jax.vjp(lambda x: _im2col_patches(x, kh, kw, strides, padding), zeros)
+        (dx,) = vjp(dpatches)
+    return dx, dkernel.reshape(kernel.shape)
+
+
+conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
+
+
+def cpu_conv_formulation(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides, padding) -> str:
+    """The fastest of "lax" | "taps" | "im2col" on XLA:CPU for a conv's forward *and* gradients.
+
+    Measured (jax 0.10, 2-core Xeon, batch 32; benchmarks/train_speed.py): XLA:CPU computes a
+    1x1 conv's gradients 4-7x slower than the same product, and the kernel gradient of a kxk conv
+    2-5x slower than its forward conv; as im2col the three products of a step (forward, input and
+    kernel gradient) share one patch matrix, and the whole ResNet train step is faster. Tiny maps
+    (``taps_is_faster``) keep taps, whose per-tap products need no patch matrix.
+    """
+    if kernel_hw[0] * kernel_hw[1] > 1 and taps_is_faster(in_hw, kernel_hw, strides, padding):
+        return "taps"
+    return "im2col"
+
+
+def _depthwise_taps_sum(xp: jax.Array, kernel: jax.Array, stride: int, ho: int, wo: int) -> jax.Array:
+    """sum over taps (i, j) of (stride-``stride`` slice of the padded ``xp`` at (i, j)) * kernel[i, j, 0, :]."""
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    b, c = xp.shape[0], xp.shape[3]
     out = None
     for i in range(kh):
         for j in range(kw):
@@ -150,6 +273,61 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array, stride: int, padding: int
             term = patch * kernel[i, j, 0, :]
             out = term if out is None else out + term
     return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_shifted(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Depthwise conv as kh*kw shifted multiply-adds; equal to the grouped conv.
+
+    x: [B, H, W, C]; kernel: HWIO [kh, kw, 1, C] (the grouped conv's own parameter);
+    symmetric zero padding ``padding`` and stride ``stride`` on H and W, as torchvision.
+    XLA:CPU lowers ``feature_group_count=C`` to a slow generic loop; elementwise
+    multiply-adds over strided slices vectorise well instead. The gradient is written out
+    (``_depthwise_bwd``) rather than left to autodiff, whose transposed slices become one
+    padded full-size copy per tap: the input gradient is this same formulation applied to the
+    (stride-dilated) output gradient with the flipped kernel, one fused pass.
+    """
+    return _depthwise_fwd(x, kernel, stride, padding)[0]
+
+
+def _depthwise_fwd(x, kernel, stride, padding):
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    h, w = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    return _depthwise_taps_sum(xp, kernel, stride, ho, wo), (x, kernel)
+
+
+def _depthwise_bwd(stride, padding, residuals, dy):
+    x, kernel = residuals
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    b, h, w, c = x.shape
+    ho, wo = dy.shape[1], dy.shape[2]
+    hp, wp = h + 2 * padding, w + 2 * padding
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dkernel = jnp.stack([
+        jnp.sum(
+            jax.lax.slice(xp, (0, i, j, 0), (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                          (1, stride, stride, 1)) * dy,
+            axis=(0, 1, 2),
+        )
+        for i in range(kh) for j in range(kw)
+    ]).reshape(kh, kw, 1, c)
+    # d xp[m] = sum_i dyd[m - i] k[i], dyd = dy dilated by the stride: a stride-1 correlation of
+    # dyd padded by k-1 (plus the rows the forward never reached) with the flipped kernel.
+    zero = jnp.zeros((), dy.dtype)
+    dyd = jax.lax.pad(dy, zero, (
+        (0, 0, 0),
+        (kh - 1, kh - 1 + hp - stride * (ho - 1) - kh, stride - 1),
+        (kw - 1, kw - 1 + wp - stride * (wo - 1) - kw, stride - 1),
+        (0, 0, 0),
+    ))
+    dxp = _depthwise_taps_sum(dyd, kernel[::-1, ::-1], 1, hp, wp)
+    return dxp[:, padding:padding + h, padding:padding + w, :], dkernel.astype(kernel.dtype)
+
+
+depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def _explicit_pairs(padding) -> tuple[tuple[int, int], ...] | None:
@@ -163,12 +341,13 @@ def _explicit_pairs(padding) -> tuple[tuple[int, int], ...] | None:
 
 
 class Conv(nnx.Conv):
-    """``nnx.Conv`` (same parameters, attributes and param paths) with a CPU-only "taps" formulation.
+    """``nnx.Conv`` (same parameters, attributes and param paths) with CPU-only formulations.
 
-    ``impl``: "lax" always ``lax.conv_general_dilated``; "taps" always ``conv_taps`` (when the
-    conv is a plain 2-D NHWC conv: one group, no dilation, explicit padding, no mask); "auto"
-    (default) uses "taps" on the CPU backend only for the shapes ``taps_is_faster`` names, else
-    "lax". The choice is static: made at trace time from shapes and ``jax.default_backend()``.
+    ``impl``: "lax" always ``lax.conv_general_dilated``; "taps" always ``conv_taps``, "im2col"
+    always ``conv_im2col`` (when the conv is a plain 2-D NHWC conv: one group, no dilation,
+    explicit padding, no mask); "auto" (default) asks ``cpu_conv_formulation`` on the CPU
+    backend and uses "lax" elsewhere (GPUs/TPUs have fast convolutions and their gradients).
+    The choice is static: made at trace time from shapes and ``jax.default_backend()``.
     """
 
     def __init__(self, *args, impl: str = "auto", **kwargs):
@@ -186,34 +365,40 @@ class Conv(nnx.Conv):
                 return None
         return _explicit_pairs(self.padding)
 
-    def uses_taps(self, x: jax.Array) -> bool:
+    def formulation(self, x: jax.Array) -> str:
+        """"lax" | "taps" | "im2col" for this call (static: from shapes, ``impl`` and the backend)."""
         if self.impl == "lax":
-            return False
+            return "lax"
         padding = self._taps_padding(x)
         if padding is None:
-            return False
-        if self.impl == "taps":
-            return True
-        return jax.default_backend() == "cpu" and taps_is_faster(
-            x.shape[1:3], tuple(self.kernel_size), self._strides(), padding
-        )
+            return "lax"
+        if self.impl != "auto":
+            return self.impl
+        if jax.default_backend() != "cpu":
+            return "lax"
+        return cpu_conv_formulation(x.shape[1:3], tuple(self.kernel_size), self._strides(), padding)
+
+    def uses_taps(self, x: jax.Array) -> bool:
+        return self.formulation(x) == "taps"
 
     def _strides(self) -> tuple[int, int]:
         s = self.strides
         return (s, s) if isinstance(s, int) else tuple(s) if s is not None else (1, 1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if not self.uses_taps(x):
+        formulation = self.formulation(x)
+        if formulation == "lax":
             return super().__call__(x)
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
-        y = conv_taps(x, kernel, self._strides(), _explicit_pairs(self.padding), self.precision)
+        fn = conv_taps if formulation == "taps" else conv_im2col
+        y = fn(x, kernel, self._strides(), _explicit_pairs(self.padding), self.precision)
         return y if bias is None else y + bias
 
 
 def set_conv_impl(model: nnx.Module, impl: str) -> None:
-    """Switch every ``Conv`` of ``model`` to ``impl`` ("auto" | "lax" | "taps") in place."""
+    """Switch every ``Conv`` of ``model`` to ``impl`` ("auto" | "lax" | "taps" | "im2col") in place."""
     if impl not in CONV_MODES:
         raise ConfigError(f"conv impl={impl!r} is not one of {CONV_MODES}; pick one of them")
     for _, module in nnx.iter_graph(model):
