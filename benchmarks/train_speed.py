@@ -38,8 +38,9 @@ torch.set_num_threads(int(sys.argv[1]))
 models = {}
 print(json.dumps({"ready": torch.__version__, "torchvision": torchvision.__version__}), flush=True)
 for line in sys.stdin:
-    arch, size, batch, steps, fmt = line.split()
-    size, batch, steps = int(size), int(batch), int(steps)
+    arch, size, batch, timed, fmt = line.split()
+    size, batch, timed = int(size), int(batch), int(timed)
+    steps = timed
     key = (arch, size, batch, fmt)
     if key not in models:
         m = getattr(torchvision.models, arch)(num_classes=46)
@@ -61,7 +62,7 @@ for line in sys.stdin:
         loss_fn(m(x), y).backward()
         opt.step()
         times.append(time.perf_counter() - t)
-    print(json.dumps({"seconds": times[-int(line.split()[3]):]}), flush=True)
+    print(json.dumps({"seconds": times[-timed:]}), flush=True)
 """
 
 

@@ -326,6 +326,15 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)   # on failure, do not decode what is queued
 
+    def _skip_corrupt(self, task, error: str, what: str = "") -> None:
+        """Record a photo that failed to decode (or stop, in strict mode), naming its file."""
+        problem = kaggle.Problem(task.path, None, task.image_id, f"corrupt image: {error}")
+        if self.strict:
+            raise DataError(f"{problem} (strict mode stops at the first problem; "
+                            "remove or replace the file, or rerun without --strict)")
+        logger.warning("skipped: %s%s", problem, what)
+        self.problems.append(problem)
+
     def _examples(self, pool, items: list[kaggle.ImageRecord], tasks: list[_Task], split: str):
         skipped = 0
         with tqdm(total=len(tasks), desc=f"decoding {split}", unit="img", disable=None) as bar:
@@ -333,12 +342,7 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
             for item, task, (image, hw, error) in zip(items, tasks, results):
                 bar.update(1)
                 if error is not None:
-                    problem = kaggle.Problem(task.path, None, task.image_id, f"corrupt image: {error}")
-                    if self.strict:
-                        raise DataError(f"{problem} (strict mode stops at the first problem; "
-                                        "remove or replace the file, or rerun without --strict)")
-                    logger.warning("skipped: %s", problem)
-                    self.problems.append(problem)
+                    self._skip_corrupt(task, error)
                     skipped += 1
                     continue
                 # Image-level and test records: no attributes (all zero), size from the image header.
@@ -384,12 +388,7 @@ class ImaterialistFashion2020(tfds.core.GeneratorBasedBuilder):
                 for garments, task, (crops, error) in zip(photos, tasks, results):
                     bar.update(1)
                     if error is not None:
-                        problem = kaggle.Problem(task.path, None, task.image_id, f"corrupt image: {error}")
-                        if self.strict:
-                            raise DataError(f"{problem} (strict mode stops at the first problem; "
-                                            "remove or replace the file, or rerun without --strict)")
-                        logger.warning("skipped: %s (%d garments)", problem, len(garments))
-                        self.problems.append(problem)
+                        self._skip_corrupt(task, error, f" ({len(garments)} garments)")
                         continue
                     for g, crop in zip(garments, crops):
                         yield g.id, {
