@@ -5,6 +5,7 @@
 #   bash benchmarks/recipes/street_cpu.sh DATA_DIR WORKDIR        # -> WORKDIR/model.onnx
 #
 # Only imat commands; reads nothing but DATA_DIR. Rerunning resumes the training from its last checkpoint.
+# $SEED (default 0) seeds the run (benchmarks/quality.py --seeds trains it once per seed).
 # Why each choice (measurements in benchmarks/RESULTS.md, "Retrieval quality on held-out street photos"):
 # - bce, served as its probabilities: relevance is a function of the category sets, and the classifier
 #   is what BCE trains (its embedding head would be an untrained projection);
@@ -25,6 +26,6 @@ data="$1"
 work="$2"
 mkdir -p "$work"
 imat train --objective bce --arch resnet18 --data "$data" --workdir "$work/run" --image-size 128 \
-  --augment --epochs 16 --batch-size 32 --lr 1e-3 --lr-schedule cosine --weight-decay 0.1 \
+  --augment --epochs 16 --batch-size 32 --seed "${SEED:-0}" --lr 1e-3 --lr-schedule cosine --weight-decay 0.1 \
   --eval-every 195 --checkpoint-every 195 --log-every 65
 imat export "$work/run" --out "$work/model.onnx"

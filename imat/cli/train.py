@@ -63,6 +63,12 @@ _OBJECTIVES_HELP = "; ".join(f"{n}: {get_objective(n).help}" for n in objective_
 @click.option("--keep-checkpoints", type=click.IntRange(min=1), default=_D.keep_checkpoints, show_default=True)
 @click.option("--augment/--no-augment", default=False, show_default=True,
               help="Random resized crop (60-100%% of the area) + horizontal flip; no colour changes.")
+@click.option("--ema", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=_D.ema, show_default=True,
+              help="Keep an exponential moving average of the weights with this decay per step (e.g. 0.99); "
+                   "validation, export and --init-from use the averaged weights. 0: off.")
+@click.option("--mixup", type=click.FloatRange(min=0.0), default=_D.mixup, show_default=True,
+              help="Beta(a, a) mixup of training photo pairs and their labels (classification objectives; 0: off). "
+                   "Blends photos, keeps their colours.")
 @click.option("--data-shards", type=click.IntRange(min=1), default=None,
               help="Shards the global batch is drawn from, a multiple of the processes (default: one per process; "
                    "a resumed run keeps its own, so it sees the same batches on another number of hosts).")

@@ -1,7 +1,8 @@
-"""Training-time image transforms on uint8 NHWC batches: random resized crop + flip, four rotations.
+"""Training-time image transforms on uint8 NHWC batches: random resized crop + flip, mixup, four rotations.
 
-Only geometry: colour is what shoppers search by, so no colour jitter (hue changes would teach
-the model that a red coat and a blue one are the same).
+Only geometry and blending: colour is what shoppers search by, so no colour jitter (hue changes
+would teach the model that a red coat and a blue one are the same). Mixup blends two photos and
+their label vectors, keeping each photo's colours.
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, *, scale=(0.6, 1
         for i in range(b):
             one(i)
     return out
+
+
+def mixup_batch(images: np.ndarray, labels: np.ndarray, alpha: float,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Mixup (Zhang et al. 2018) within the batch: image i becomes ``lam_i * x_i + (1 - lam_i) * x_p(i)``
+    for a random partner p(i) and ``lam_i ~ Beta(alpha, alpha)`` folded to >= 1/2 (the photo stays the
+    larger part of its own example), and its label vector the same blend: soft multi-hot targets,
+    which the sigmoid cross-entropy takes as they are. uint8 images in and out (rounded); labels
+    float32."""
+    b = len(images)
+    partner = rng.permutation(b)
+    lam = rng.beta(alpha, alpha, b).astype(np.float32)
+    lam = np.maximum(lam, 1.0 - lam)
+    lam_img = lam[:, None, None, None]
+    mixed = lam_img * images.astype(np.float32) + (1.0 - lam_img) * images[partner].astype(np.float32)
+    labels = labels.astype(np.float32)
+    mixed_labels = lam[:, None] * labels + (1.0 - lam[:, None]) * labels[partner]
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8), mixed_labels
 
 
 _AUG_POOL: concurrent.futures.ThreadPoolExecutor | None = None

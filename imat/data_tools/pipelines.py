@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from imat.data_tools import triplets
-from imat.data_tools.augment import augment_batch, four_rotations
+from imat.data_tools.augment import augment_batch, four_rotations, mixup_batch
 from imat.data_tools.prefetch import prefetch
 from imat.data_tools.prepared import PreparedSplit, find_dataset_dir
 from imat.errors import ConfigError
@@ -29,7 +29,7 @@ KINDS = ("classification", "triplet", "rotation")
 TRIPLET_SAMPLING = ("online", "offline")
 # Stream tags mixed into the seed so that permutations, sampling, augmentation and mining draw
 # from independent generators.
-_PERMUTE, _SAMPLE, _AUGMENT, _MINE = 0, 1, 2, 3
+_PERMUTE, _SAMPLE, _AUGMENT, _MINE, _MIXUP = 0, 1, 2, 3, 4
 
 
 # ---- batch sources -------------------------------------------------------------------------------------
@@ -126,10 +126,16 @@ def _count(start: int) -> Iterator[int]:
 
 
 class ClassificationSource(BatchSource):
+    """Images and their multi-hot categories; ``mixup`` > 0 blends each with a partner from the batch
+    (``augment.mixup_batch``, Beta(mixup, mixup)), after the crop and flip."""
+
     kind = "classification"
 
-    def __init__(self, split, **kw):
+    def __init__(self, split, *, mixup: float = 0.0, **kw):
         super().__init__(split, **kw)
+        if not mixup >= 0:
+            raise ConfigError(f"mixup={mixup!r}: give alpha >= 0 (0 turns mixup off)")
+        self.mixup = float(mixup)
         self._check_size()
 
     def batch_indices(self, step: int) -> np.ndarray:
@@ -138,7 +144,10 @@ class ClassificationSource(BatchSource):
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         rows = self.batch_indices(step)
-        return {"images": self._images(rows, step), "categories": self.split.categories[rows]}
+        images, categories = self._images(rows, step), self.split.categories[rows]
+        if self.mixup > 0:
+            images, categories = mixup_batch(images, categories, self.mixup, self._rng(_MIXUP, int(step)))
+        return {"images": images, "categories": categories}
 
 
 class RotationSource(ClassificationSource):
@@ -218,7 +227,10 @@ class OnlineTripletSource(BatchSource):
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         rows = self.batch_indices(step)
-        return {"images": self._images(rows, step), "categories": self.split.categories[rows]}
+        images, categories = self._images(rows, step), self.split.categories[rows]
+        if self.mixup > 0:
+            images, categories = mixup_batch(images, categories, self.mixup, self._rng(_MIXUP, int(step)))
+        return {"images": images, "categories": categories}
 
 
 class OfflineTripletSource(BatchSource):
@@ -256,7 +268,10 @@ class OfflineTripletSource(BatchSource):
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         rows = self.batch_indices(step)
-        return {"images": self._images(rows, step), "categories": self.split.categories[rows]}
+        images, categories = self._images(rows, step), self.split.categories[rows]
+        if self.mixup > 0:
+            images, categories = mixup_batch(images, categories, self.mixup, self._rng(_MIXUP, int(step)))
+        return {"images": images, "categories": categories}
 
 
 class ShardGroup:
@@ -296,13 +311,16 @@ class ShardGroup:
 
 def make_pipeline(kind: str, split: PreparedSplit, *, batch_size: int, seed: int, augment: bool = False,
                   mining: str = "online", shard_index: int = 0, num_shards: int = 1,
-                  relevance: Relevance = Relevance()) -> BatchSource:
+                  relevance: Relevance = Relevance(), mixup: float = 0.0) -> BatchSource:
     """A BatchSource of `kind` (classification | triplet | rotation) over this host's shard of `split`;
-    `mining` (triplet only): "online" batches for in-batch mining or "offline" mined triplets."""
+    `mining` (triplet only): "online" batches for in-batch mining or "offline" mined triplets;
+    `mixup` (classification only): Beta alpha of in-batch mixup, 0 for none."""
     kw = dict(batch_size=batch_size, seed=seed, augment=augment, shard_index=shard_index, num_shards=num_shards,
               relevance=relevance)
+    if mixup and kind != "classification":
+        raise ConfigError(f"mixup={mixup!r}: only the classification pipeline mixes photos, not {kind!r}")
     if kind == "classification":
-        return ClassificationSource(split, **kw)
+        return ClassificationSource(split, mixup=mixup, **kw)
     if kind == "rotation":
         return RotationSource(split, **kw)
     if kind == "triplet":

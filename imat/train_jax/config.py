@@ -33,7 +33,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # would be meaningless or impossible.
 RESUME_KEYS = (
     "arch", "objective", "embedding_dim", "num_classes", "image_size", "batch_size",
-    "seed", "optimizer", "augment", "depthwise", "width_mult", "input_pool",
+    "seed", "optimizer", "augment", "depthwise", "width_mult", "input_pool", "mixup", "ema",
 )
 
 
@@ -69,6 +69,10 @@ class TrainConfig:
     width_mult: float | None = None  # mobilenet_v2 width multiplier (None: the architecture's 1.0)
     input_pool: int = 1  # > 1: the network sees the input averaged over pool x pool blocks (cheaper, same data)
     augment: bool = False
+    # > 0: also keep an exponential moving average of the parameters with this decay per step;
+    # evaluation, export and --init-from then use the averaged weights (train.py).
+    ema: float = 0.0
+    mixup: float = 0.0  # > 0: Beta(mixup, mixup) in-batch mixup of photos and labels (classification pipeline)
     # How many shards the global batch is drawn from, one or more per process (None: one per
     # process). Recorded at the first launch and kept on resume, so a run resumed on another
     # number of processes (hosts) goes on with the batches it would have seen.
@@ -144,6 +148,13 @@ class TrainConfig:
             bad("--lr-schedule", f"{self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if not (self.weight_decay >= 0):
             bad("--weight-decay", f"{self.weight_decay!r} must be >= 0")
+        if not (0 <= self.ema < 1):
+            bad("--ema", f"{self.ema!r} must be in [0, 1) (0: off; e.g. 0.99 averages over ~100 steps)")
+        if not (self.mixup >= 0):
+            bad("--mixup", f"{self.mixup!r} must be >= 0 (0: off)")
+        if self.mixup > 0 and spec.pipeline != "classification":
+            bad("--mixup", f"objective {self.objective!r} does not train on labelled photos one by one "
+                f"(its pipeline is {spec.pipeline!r}); mixup is for the classification objectives")
         if self.init_from is not None and not (pathlib.Path(self.init_from) / "config.json").is_file():
             bad("--init-from", f"{self.init_from} is not a training run folder (no config.json)")
         if not (self.learning_rate > 0):

@@ -1,7 +1,8 @@
 """The training loop: ``train_and_evaluate(config, workdir) -> final metrics``.
 
 One jitted, pure ``train_step((model_state, opt_state), batch) -> (state, metrics)``
-(nnx.split/merge around an optax update, input buffers donated), the batch
+(nnx.split/merge around an optax update, input buffers donated; with ``--ema`` the state
+also carries the moving average of the parameters, which evaluation and export use), the batch
 sharded over a "data" mesh axis and the state replicated (sharding.py). Batches
 are a pure function of (seed, step), so a rerun in the same workdir restores
 the latest checkpoint and continues with exactly the batches it would have seen.
@@ -97,9 +98,48 @@ def check_resume(config: TrainConfig, workdir: pathlib.Path) -> TrainConfig | No
 
 # ---- jitted steps ----------------------------------------------------------------------------------
 
-def make_train_step(model_graphdef, opt_graphdef, loss_and_metrics, options: dict, wrt=nnx.Param):
+def ema_decay_at(decay: float, count):
+    """The averaging weight after ``count`` updates: ``min(decay, (1 + count) / (10 + count))``, so the
+    average follows the fast-moving early weights instead of remembering the initialisation (the
+    warm-up of TF's ExponentialMovingAverage with num_updates)."""
+    return jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+
+
+def update_ema(ema, params, count, decay: float):
+    """One step of the parameter average: ``d * ema + (1 - d) * params`` with ``d = ema_decay_at(decay, count)``."""
+    d = ema_decay_at(decay, jnp.asarray(count, jnp.float32))
+    return jax.tree.map(lambda a, p: (d * a + (1.0 - d) * p).astype(a.dtype), ema, params)
+
+
+def serving_state(state: tuple):
+    """The model state that evaluation and export use: the averaged parameters (``state[2]``, with
+    --ema) over the model's own state (its BatchNorm statistics), else the model state itself."""
+    return nnx.merge_state(state[0], state[2]) if len(state) > 2 else state[0]
+
+
+def checkpoint_items(state: tuple) -> tuple:
+    """(model item, optimizer item) of a checkpoint. The model item holds the serving weights, the
+    ones export, --init-from and evaluation read; with --ema the training weights, which only a
+    resumed run needs, travel in the optimizer item beside the optimizer state."""
+    if len(state) == 2:
+        return state
+    return serving_state(state), nnx.State({"optimizer": state[1], "training_params": nnx.filter_state(state[0], nnx.Param)})
+
+
+def state_from_checkpoint_items(model_item, optimizer_item, with_ema: bool) -> tuple:
+    """The inverse of ``checkpoint_items``."""
+    if not with_ema:
+        return model_item, optimizer_item
+    training_params = optimizer_item["training_params"]
+    return (nnx.merge_state(model_item, training_params), optimizer_item["optimizer"],
+            nnx.filter_state(model_item, nnx.Param))
+
+
+def make_train_step(model_graphdef, opt_graphdef, loss_and_metrics, options: dict, wrt=nnx.Param,
+                    ema_decay: float = 0.0):
     """jit((model_state, opt_state), batch) -> ((model_state, opt_state), metrics); state donated.
-    ``wrt``: the parameters that learn (a filter; the rest get no gradient)."""
+    ``wrt``: the parameters that learn (a filter; the rest get no gradient). ``ema_decay`` > 0: the
+    state carries a third element, the moving average of the parameters (``update_ema``)."""
 
     def train_step(state, batch):
         model = nnx.merge(model_graphdef, state[0])
@@ -110,7 +150,10 @@ def make_train_step(model_graphdef, opt_graphdef, loss_and_metrics, options: dic
 
         (_, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
         optimizer.update(model, grads)
-        return (nnx.state(model), nnx.state(optimizer)), metrics
+        new_state = (nnx.state(model), nnx.state(optimizer))
+        if ema_decay > 0:
+            new_state += (update_ema(state[2], nnx.state(model, nnx.Param), optimizer.step[...], ema_decay),)
+        return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -203,7 +246,7 @@ def open_data(config: TrainConfig) -> _Data:
     common = dict(batch_size=config.batch_size // data_shards, num_shards=data_shards,
                   relevance=config.relevance, **spec.pipeline_options(config))
     train_source = _shard_group(make_pipeline, spec.pipeline, train_split, shards, seed=config.seed,
-                                augment=config.augment, **common)
+                                augment=config.augment, **common, **({"mixup": config.mixup} if config.mixup else {}))
     val_source = _validation_source(make_pipeline, spec.pipeline, val_split, config.seed, shards, common)
     return _Data(train_split, val_split, train_source, val_source, jax.process_count())
 
@@ -249,7 +292,7 @@ class _Model:
     model_graphdef: Any
     opt_graphdef: Any
     eval_graphdef: Any
-    state: tuple  # (model_state, optimizer_state), replicated over the mesh
+    state: tuple  # (model_state, optimizer_state[, parameter average]), replicated over the mesh
 
 
 def init_model(config: TrainConfig, mesh, num_steps: int) -> _Model:
@@ -268,19 +311,23 @@ def init_model(config: TrainConfig, mesh, num_steps: int) -> _Model:
                 child.eval()
     model_graphdef, model_state = nnx.split(model)
     opt_graphdef, opt_state = nnx.split(optimizer)
-    return _Model(model_graphdef, opt_graphdef, eval_graphdef, sharding.replicate((model_state, opt_state), mesh))
+    state = (model_state, opt_state)
+    if config.ema > 0:  # the average starts at the initial weights (a copy: the state is donated)
+        state += (jax.tree.map(jnp.copy, nnx.state(model, nnx.Param)),)
+    return _Model(model_graphdef, opt_graphdef, eval_graphdef, sharding.replicate(state, mesh))
 
 
 def restore(store: CheckpointStore, state: tuple, workdir: pathlib.Path, mesh) -> tuple[int, tuple]:
     """(start step, state): the latest readable, finite checkpoint, or (0, state) for a new run."""
-    found = store.restore_latest(state[0], state[1])
+    found = store.restore_latest(*checkpoint_items(state))
     if found is None:
         return 0, state
-    step, model_state, opt_state, _ = found
+    step, model_item, optimizer_item, _ = found
+    restored = state_from_checkpoint_items(model_item, optimizer_item, len(state) > 2)
     logger.info("resuming %s from step %d", workdir, step)
     if jax.process_count() > 1:  # several processes restore host copies (checkpoint.py): place them
-        return step, sharding.replicate((model_state, opt_state), mesh)
-    return step, (model_state, opt_state)
+        return step, sharding.replicate(restored, mesh)
+    return step, restored
 
 
 def _check_health(log: RunLog, step: int) -> None:
@@ -299,21 +346,21 @@ def run_loop(config: TrainConfig, data: _Data, schedule: _Schedule, model: _Mode
     spec = config.spec
     options = spec.options(config)
     train_step = make_train_step(model.model_graphdef, model.opt_graphdef, spec.loss_and_metrics, options,
-                                 wrt=trainable_filter(config))
+                                 wrt=trainable_filter(config), ema_decay=config.ema)
     evaluate = Evaluator(config, mesh, data.val_source, data.val_split,
                           *make_eval_steps(model.eval_graphdef, spec.loss_and_metrics, options))
     meta = {"seed": config.seed, "arch": config.arch, "objective": config.objective}
     state = model.state
 
     def run_eval(step: int) -> None:
-        row = log.add({"split": "val", "step": step, "epoch": step / schedule.steps_per_epoch, **evaluate(state[0])})
+        row = log.add({"split": "val", "step": step, "epoch": step / schedule.steps_per_epoch, **evaluate(serving_state(state))})
         logger.info("step %d validation: %s", step, {k: v for k, v in row.items() if k not in ("split", "step", "epoch")})
 
     def save(step: int) -> None:
         if not bool(all_finite(state)):
             raise ModelError(f"training diverged at step {step}: the parameters are no longer finite; lower --lr "
                              "(no checkpoint of the diverged state is written)")
-        store.save(step, state[0], state[1], meta)
+        store.save(step, *checkpoint_items(state), meta)
 
     bar = tqdm(total=schedule.num_steps, initial=start_step, desc=f"train {config.objective}", unit="step",
                disable=None if is_main else True, dynamic_ncols=True)

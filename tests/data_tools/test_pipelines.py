@@ -247,6 +247,38 @@ def test_augmentation_keeps_shape_dtype_and_is_seeded(train):
     assert np.array_equal(plain["categories"], augd["categories"]) and not np.array_equal(plain["images"], augd["images"])
 
 
+def test_mixup_blends_photos_and_labels_alike(train):
+    """Each mixed example is lam * own + (1 - lam) * one partner's, lam >= 1/2, the same lam for the
+    pixels and the labels; seeded by (seed, step); off at 0."""
+    plain = make_pipeline("classification", train, batch_size=8, seed=0).batch(3)
+    mixed = make_pipeline("classification", train, batch_size=8, seed=0, mixup=0.4).batch(3)
+    again = make_pipeline("classification", train, batch_size=8, seed=0, mixup=0.4).batch(3)
+    assert _equal_batches(mixed, again) and mixed["categories"].dtype == np.float32
+    assert mixed["images"].dtype == np.uint8 and mixed["images"].shape == plain["images"].shape
+    x = plain["images"].astype(np.float64)
+    y = plain["categories"].astype(np.float64)
+    blended = 0
+    for i in range(8):
+        # Find the partner and lam that explain example i (lam from the labels where they differ).
+        fits = []
+        for j in range(8):
+            for lam in np.linspace(0.5, 1.0, 501):
+                if (np.abs(lam * y[i] + (1 - lam) * y[j] - mixed["categories"][i]).max() < 2e-3
+                        and np.abs(lam * x[i] + (1 - lam) * x[j] - mixed["images"][i]).max() <= 1.5):
+                    fits.append((j, lam))
+                    break
+        assert fits, f"example {i} is not a blend of itself and a partner"
+        blended += any(j != i and lam < 0.99 for j, lam in fits)
+    assert blended >= 4
+    assert not np.array_equal(mixed["images"], plain["images"])
+    off = make_pipeline("classification", train, batch_size=8, seed=0, mixup=0.0).batch(3)
+    assert _equal_batches(off, plain)
+    with pytest.raises(ConfigError, match="mixup"):
+        make_pipeline("classification", train, batch_size=8, seed=0, mixup=-1)
+    with pytest.raises(ConfigError, match="mixup"):
+        make_pipeline("rotation", train, batch_size=8, seed=0, mixup=0.4)
+
+
 def test_bad_options(train):
     with pytest.raises(ConfigError, match="kind"):
         make_pipeline("jigsaw", train, batch_size=4, seed=0)

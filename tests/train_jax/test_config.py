@@ -38,6 +38,9 @@ def test_json_round_trip(tmp_path):
         ({"epochs": None, "steps": None}, "--epochs/--steps"),
         ({"data_dir": ""}, "--data"),
         ({"init": "/nonexistent/w.safetensors"}, "--init"),
+        ({"mixup": -0.2}, "--mixup"),
+        ({"objective": "triplet", "mixup": 0.2}, "--mixup"),
+        ({"objective": "rotation", "mixup": 0.2}, "--mixup"),
     ],
 )
 def test_validation_names_the_option(change, option):

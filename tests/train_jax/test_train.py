@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from imat.errors import ConfigError
 from imat.train_jax.checkpoint import build_model, load_model_from_run
@@ -168,7 +169,8 @@ def test_two_devices_equal_one_device(small_config, tmp_path):
 
 
 def test_killed_run_resumes_to_identical_parameters(small_config, tmp_path):
-    config = small_config(steps=10, checkpoint_every=2, eval_every=10, log_every=1)
+    # With --ema: the averaged weights (what export reads) and the training weights both resume.
+    config = small_config(steps=10, checkpoint_every=2, eval_every=10, log_every=1, ema=0.9)
     reference = train_and_evaluate(config, tmp_path / "reference")
 
     workdir = tmp_path / "killed"
@@ -198,6 +200,65 @@ def test_killed_run_resumes_to_identical_parameters(small_config, tmp_path):
     assert [r["step"] for r in _rows(workdir, "train")] == list(range(1, 11))
     np.testing.assert_allclose([r["loss"] for r in _rows(workdir, "train")],
                                [r["loss"] for r in _rows(tmp_path / "reference", "train")], rtol=1e-6)
+    # The checkpoint serves the average; the training weights it resumes from are another state.
+    serving, training = _checkpoint_states(config, workdir)
+    for a, b in zip(_params(workdir), [np.asarray(x) for x in jax.tree.leaves(serving)]):
+        np.testing.assert_array_equal(a, b)
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(nnx.filter_state(serving, nnx.Param)),
+                                                   jax.tree.leaves(nnx.filter_state(training, nnx.Param)))]
+    assert sum(moved) > len(moved) // 2
+
+
+def _checkpoint_states(config: TrainConfig, workdir):
+    """(serving model state, training model state) of a run's latest checkpoint, read as a resume does."""
+    from imat.train_jax import sharding
+    from imat.train_jax.checkpoint import CheckpointStore
+    from imat.train_jax.train import init_model, restore, serving_state
+
+    model = init_model(config, sharding.make_mesh(), config.steps)
+    store = CheckpointStore(workdir, read_only=True)
+    try:
+        _, state = restore(store, model.state, workdir, None)
+    finally:
+        store.close()
+    return serving_state(state), state[0]
+
+
+def test_ema_step_follows_a_float64_loop(small_config):
+    """The train step's parameter average equals d_t * ema + (1 - d_t) * params after each update,
+    d_t = min(decay, (1 + t) / (10 + t)), computed in float64 from the recorded parameters."""
+    import optax
+    from flax import nnx as _nnx
+
+    from imat.train_jax.objectives import get_objective
+    from imat.train_jax.train import make_train_step, serving_state
+
+    decay = 0.8
+    model = build_model(small_config().to_dict())
+    model.train()
+    optimizer = _nnx.Optimizer(model, optax.adam(3e-3), wrt=_nnx.Param)
+    step = make_train_step(_nnx.graphdef(model), _nnx.graphdef(optimizer), get_objective("bce").loss_and_metrics, {},
+                           ema_decay=decay)
+    params0 = _nnx.state(model, _nnx.Param)
+    state = (_nnx.state(model), _nnx.state(optimizer), jax.tree.map(np.array, params0))
+    reference = [np.asarray(x, np.float64) for x in jax.tree.leaves(params0)]
+    rng = np.random.default_rng(0)
+    for t in range(1, 6):
+        batch = {"images": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+                 "categories": (rng.random((8, 46)) < 0.2).astype(np.float32)}
+        state, _ = step(state, batch)
+        d = min(decay, (1 + t) / (10 + t))
+        params = [np.asarray(x, np.float64) for x in jax.tree.leaves(_nnx.filter_state(state[0], _nnx.Param))]
+        reference = [d * r + (1 - d) * p for r, p in zip(reference, params)]
+        got = [np.asarray(x, np.float64) for x in jax.tree.leaves(state[2])]
+        for g, r in zip(got, reference):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    served = serving_state(state)
+    for a, b in zip(jax.tree.leaves(_nnx.filter_state(served, _nnx.Param)), jax.tree.leaves(state[2])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # BatchNorm statistics are served as the model keeps them (no average).
+    for a, b in zip(jax.tree.leaves(_nnx.filter_state(served, _nnx.BatchStat)), jax.tree.leaves(_nnx.filter_state(state[0], _nnx.BatchStat))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("objective", ["triplet", "bce_triplet"])
