@@ -246,7 +246,7 @@ def open_data(config: TrainConfig) -> _Data:
     common = dict(batch_size=config.batch_size // data_shards, num_shards=data_shards,
                   relevance=config.relevance, **spec.pipeline_options(config))
     train_source = _shard_group(make_pipeline, spec.pipeline, train_split, shards, seed=config.seed,
-                                augment=config.augment, **common, **({"mixup": config.mixup} if config.mixup else {}))
+                                augment=config.augment, mixup=config.mixup, **common)
     val_source = _validation_source(make_pipeline, spec.pipeline, val_split, config.seed, shards, common)
     return _Data(train_split, val_split, train_source, val_source, jax.process_count())
 
