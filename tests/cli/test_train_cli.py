@@ -25,13 +25,15 @@ def test_train_cli_smoke(prepared_data, tmp_path, capsys):
     workdir = tmp_path / "run"
     code = main(["-q", "train", "--objective", "bce", "--arch", "resnet_tiny", "--data", str(prepared_data),
                  "--workdir", str(workdir), "--steps", "2", "--batch-size", "8", "--image-size", "32",
-                 "--lr", "1e-3", "--eval-every", "2", "--log-every", "1"])
+                 "--lr", "1e-3", "--eval-every", "2", "--log-every", "1", "--augment", "--ema", "0.9",
+                 "--mixup", "0.2"])
     out = capsys.readouterr().out
     assert code == 0, out
     result = json.loads(out[out.index("{"):])
     assert result["step"] == 2 and "f1_macro" in result["val"]
     assert (workdir / "config.json").is_file() and (workdir / "checkpoints" / "2").is_dir()
-    assert json.loads((workdir / "config.json").read_text())["learning_rate"] == 1e-3
+    recorded = json.loads((workdir / "config.json").read_text())
+    assert (recorded["learning_rate"], recorded["ema"], recorded["mixup"], recorded["augment"]) == (1e-3, 0.9, 0.2, True)
 
 
 def test_train_cli_image_size_mismatch(prepared_data, tmp_path, capsys):
