@@ -73,7 +73,9 @@ class BatchSource:
         raise NotImplementedError
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """The images (augmented when asked) and categories of ``batch_indices(step)``."""
+        rows = self.batch_indices(step)
+        return {"images": self._images(rows, step), "categories": self.split.categories[rows]}
 
     # -- shared machinery
     @property
@@ -225,13 +227,6 @@ class OnlineTripletSource(BatchSource):
             in_batch[pick] = True
         return self.indices[np.concatenate([anchors, np.asarray(positives, np.int64)])]
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        rows = self.batch_indices(step)
-        images, categories = self._images(rows, step), self.split.categories[rows]
-        if self.mixup > 0:
-            images, categories = mixup_batch(images, categories, self.mixup, self._rng(_MIXUP, int(step)))
-        return {"images": images, "categories": categories}
-
 
 class OfflineTripletSource(BatchSource):
     """Triplets mined once per epoch over the shard (`triplets.mine_offline`, the shared relevance
@@ -265,13 +260,6 @@ class OfflineTripletSource(BatchSource):
         m = self._mine(epoch)
         local = np.concatenate([m.anchors[units], m.positives[units], m.negatives[units]])
         return self.indices[local]
-
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        rows = self.batch_indices(step)
-        images, categories = self._images(rows, step), self.split.categories[rows]
-        if self.mixup > 0:
-            images, categories = mixup_batch(images, categories, self.mixup, self._rng(_MIXUP, int(step)))
-        return {"images": images, "categories": categories}
 
 
 class ShardGroup:
