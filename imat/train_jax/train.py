@@ -98,16 +98,12 @@ def check_resume(config: TrainConfig, workdir: pathlib.Path) -> TrainConfig | No
 
 # ---- jitted steps ----------------------------------------------------------------------------------
 
-def ema_decay_at(decay: float, count):
-    """The averaging weight after ``count`` updates: ``min(decay, (1 + count) / (10 + count))``, so the
-    average follows the fast-moving early weights instead of remembering the initialisation (the
-    warm-up of TF's ExponentialMovingAverage with num_updates)."""
-    return jnp.minimum(decay, (1.0 + count) / (10.0 + count))
-
-
 def update_ema(ema, params, count, decay: float):
-    """One step of the parameter average: ``d * ema + (1 - d) * params`` with ``d = ema_decay_at(decay, count)``."""
-    d = ema_decay_at(decay, jnp.asarray(count, jnp.float32))
+    """One step of the parameter average after ``count`` updates: ``d * ema + (1 - d) * params`` with
+    ``d = min(decay, (1 + count) / (10 + count))``, so the average follows the fast-moving early
+    weights instead of remembering the initialisation (TF's ExponentialMovingAverage warm-up)."""
+    count = jnp.asarray(count, jnp.float32)
+    d = jnp.minimum(decay, (1.0 + count) / (10.0 + count))
     return jax.tree.map(lambda a, p: (d * a + (1.0 - d) * p).astype(a.dtype), ema, params)
 
 
