@@ -7,7 +7,10 @@ interleaved in one run, plus the input pipeline's images/s beside them.
 One train step = forward + backward + Adam on a batch of random images and 46 multi-hot labels
 (BCE), the same for both frameworks. imat's step is the trainer's own jitted ``make_train_step``;
 "lax" forces XLA's convolution everywhere, "auto" is what training uses (imat's CPU
-formulations: im2col products, tap sums for tiny maps, shifted depthwise). PyTorch runs
+formulations: Winograd for stride-1 3x3 convs on maps >= 16, im2col products, tap sums for tiny
+maps, shifted depthwise). Like the ``imat`` command, the script re-executes itself with glibc's
+huge-page malloc tunable (``imat.hugepages``; ``IMAT_HUGEPAGES=0`` measures without), and the
+PyTorch worker inherits the same environment. PyTorch runs
 torchvision's model of the same name in a separate process (``--torch-python``: a Python with
 torch + torchvision, since the project never installs torch; default ``$IMAT_TORCH_PYTHON`` or this
 Python when it imports torch) with ``torch.set_num_threads(cores)``, NCHW as a PyTorch user gets
@@ -30,6 +33,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from imat.hugepages import hugepages_status, reexec_with_hugepages
 
 TORCH_WORKER = r"""
 import json, sys, time
@@ -178,6 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-lax", action="store_true", help="skip the standard-convolution variant")
     ap.add_argument("--json", type=pathlib.Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
+    if argv is None:  # as the imat command does (imat.hugepages); the PyTorch worker inherits it
+        reexec_with_hugepages([__file__, *sys.argv[1:]])
 
     import jax
 
@@ -185,7 +192,7 @@ def main(argv=None) -> int:
     worker = TorchWorker(torch_python, args.threads) if torch_python else None
     load = os.getloadavg()[0]
     print(f"jax {jax.__version__} backend={jax.default_backend()}, {os.cpu_count()} CPUs, batch {args.batch}, "
-          f"load {load:.1f}; " + (f"torch {worker.versions['ready']} torchvision {worker.versions['torchvision']} "
+          f"load {load:.1f}; {hugepages_status()}; " + (f"torch {worker.versions['ready']} torchvision {worker.versions['torchvision']} "
                                   f"({torch_python}, {args.threads} threads)" if worker else
                                   "PyTorch ABSENT (pass --torch-python or set IMAT_TORCH_PYTHON): imat rows only"))
     impls = ("auto",) if args.no_lax else ("lax", "auto")

@@ -257,6 +257,7 @@ def build_model(config: dict, *, pretrained=None):
         rotation_head=bool(config.get("rotation_head", config.get("objective") == "rotation")),
         pretrained=pretrained,
         depthwise=config.get("depthwise", "auto"),
+        conv=config.get("conv", "auto"),
         input_pool=int(config.get("input_pool", 1)),
         rngs=nnx.Rngs(int(config.get("seed", 0))),
         # Architecture options are passed only when set, so other architectures never see them.

@@ -66,6 +66,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # the seed's constant Adam rate, or cosine decay with a short warm-up
     weight_decay: float = 0.0  # > 0: AdamW (decoupled weight decay)
     depthwise: str = "auto"
+    # Regular convs' formulation (imat.train_jax.models.layers.CONV_MODES): "auto" picks imat's
+    # fast CPU formulations (same results); "lax" forces XLA's standard convolution.
+    conv: str = "auto"
     width_mult: float | None = None  # mobilenet_v2 width multiplier (None: the architecture's 1.0)
     input_pool: int = 1  # > 1: the network sees the input averaged over pool x pool blocks (cheaper, same data)
     augment: bool = False
@@ -125,6 +128,10 @@ class TrainConfig:
                 f"{', '.join(sorted(spec.trains))}")
         if self.resize_mode is not None and self.resize_mode not in RESIZE_MODES:
             bad("resize_mode", f"{self.resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+        from imat.train_jax.models.layers import CONV_MODES  # jax/flax: imported only here
+
+        if self.conv not in CONV_MODES:
+            bad("conv", f"{self.conv!r}; choose one of {', '.join(CONV_MODES)}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"{self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if not self.arch:

@@ -43,6 +43,7 @@ from flax import nnx
 
 from imat.errors import ConfigError, ModelError
 from imat.fileio import atomic_write_text
+from imat.hugepages import hugepages_status
 from imat.train_jax import sharding
 from imat.train_jax.checkpoint import CHECKPOINT_DIR, CheckpointStore, build_model
 from imat.train_jax.config import TrainConfig
@@ -447,6 +448,8 @@ def train_and_evaluate(config: TrainConfig, workdir) -> dict[str, Any]:
         logger.info("training %s (%s) for %d steps (%d/epoch) on %d device(s), batch %d; workdir %s", config.arch,
                     config.objective, schedule.num_steps, schedule.steps_per_epoch, mesh.devices.size,
                     config.batch_size, workdir)
+        if jax.default_backend() == "cpu":
+            logger.info("CPU step: %s", hugepages_status())
         run_loop(config, data, schedule, model, mesh, store, log, start_step, is_main)
     finally:
         store.close()

@@ -41,6 +41,7 @@ def test_json_round_trip(tmp_path):
         ({"mixup": -0.2}, "--mixup"),
         ({"objective": "triplet", "mixup": 0.2}, "--mixup"),
         ({"objective": "rotation", "mixup": 0.2}, "--mixup"),
+        ({"conv": "fast"}, "conv"),
     ],
 )
 def test_validation_names_the_option(change, option):

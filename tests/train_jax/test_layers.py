@@ -1,5 +1,6 @@
-"""imat.train_jax.models.layers.Conv: the CPU-only "taps" and "im2col" formulations of a regular
-conv equal lax.conv (forward and gradients) and "auto" picks them by shape on the CPU only."""
+"""imat.train_jax.models.layers.Conv: the CPU-only "taps", "im2col" and "winograd" formulations of
+a regular conv equal lax.conv (forward and gradients) and "auto" picks them by shape on the CPU
+only."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from imat.train_jax.models.layers import (
     conv,
     conv_im2col,
     conv_taps,
+    conv_winograd,
     cpu_conv_formulation,
     set_conv_impl,
     taps_is_faster,
@@ -75,6 +77,28 @@ def test_formulation_equals_lax_forward_and_gradients(h, w, k, stride, formulati
     assert _rel(gk, gk_ref) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "b,h,w,cin,cout",
+    [(1, 1, 1, 1, 1), (3, 2, 3, 6, 5), (2, 5, 4, 6, 5), (1, 7, 9, 3, 8), (2, 16, 16, 16, 32), (3, 17, 15, 8, 4)],
+)
+def test_winograd_equals_lax_forward_and_gradients(b, h, w, cin, cout):
+    """Winograd F(2x2, 3x3): odd sizes (padded to whole tiles, cropped), maps smaller than a tile,
+    batch 1, one channel; forward, input and kernel gradients within float32 rounding."""
+    rng = np.random.default_rng(b * 1000 + h * 100 + w * 10 + cin)
+    x = jnp.asarray(rng.standard_normal((b, h, w, cin)), jnp.float32)
+    kern = jnp.asarray(rng.standard_normal((3, 3, cin, cout)), jnp.float32)
+    strides, padding = (1, 1), ((1, 1), (1, 1))
+    ref = _lax(x, kern, strides, padding)
+    out = jax.jit(conv_winograd, static_argnums=2)(x, kern, "highest")
+    assert out.shape == ref.shape
+    assert _rel(out, ref) <= 1e-5
+    cot = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+    gx_ref, gk_ref = jax.grad(lambda x, k: jnp.sum(_lax(x, k, strides, padding) * cot), argnums=(0, 1))(x, kern)
+    gx, gk = jax.jit(jax.grad(lambda x, k: jnp.sum(conv_winograd(x, k, "highest") * cot), argnums=(0, 1)))(x, kern)
+    assert _rel(gx, gx_ref) <= 1e-5
+    assert _rel(gk, gk_ref) <= 1e-5
+
+
 @pytest.mark.parametrize("formulation", sorted(FORMULATIONS))
 def test_formulation_asymmetric_padding_and_strides(formulation):
     rng = np.random.default_rng(1)
@@ -117,8 +141,10 @@ def test_taps_rule(in_hw, k, stride, expected):
         ((32, 32), 1, 2, "im2col"),
         ((128, 128), 7, 2, "im2col"),  # the stem
         ((32, 32), 3, 2, "im2col"),
-        ((32, 32), 3, 1, "im2col"),
+        ((32, 32), 3, 1, "winograd"),  # stride-1 3x3 on maps >= WINOGRAD_MIN_SIZE
+        ((16, 17), 3, 1, "winograd"),
         ((8, 8), 3, 1, "im2col"),
+        ((15, 32), 3, 1, "im2col"),
         ((2, 2), 3, 1, "taps"),  # the tiny maps taps_is_faster names keep taps
         ((4, 4), 3, 2, "taps"),
     ],
@@ -147,6 +173,12 @@ def test_auto_dispatch_picks_taps_only_for_slow_shapes_on_cpu():
     set_conv_impl(layer, "auto")
     strided = conv(8, 8, 3, 2, rngs=nnx.Rngs(0))
     assert strided.uses_taps(jnp.zeros((2, 4, 4, 8))) and not strided.uses_taps(jnp.zeros((2, 6, 6, 8)))
+    wide = jnp.zeros((1, 16, 16, 8))
+    assert layer.formulation(wide) == "winograd"
+    assert "conv_general_dilated" not in _traced_ops(layer, wide)
+    set_conv_impl(strided, "winograd")  # forced where it does not apply: the standard conv
+    assert strided.formulation(wide) == "lax"
+    set_conv_impl(strided, "auto")
     pointwise = conv(8, 8, 1, 1, rngs=nnx.Rngs(0))
     assert not pointwise.uses_taps(small) and pointwise.formulation(big) == "im2col"
     assert "conv_general_dilated" not in _traced_ops(pointwise, big)
@@ -170,6 +202,12 @@ def test_auto_dispatch_keeps_lax_off_cpu(monkeypatch):
 def test_conv_impl_validation_and_unchanged_state():
     with pytest.raises(ConfigError, match="impl"):
         Conv(4, 4, (3, 3), impl="fast", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="conv"):
+        create_model("resnet_tiny", conv="fast", rngs=nnx.Rngs(0))
+    # create_model(conv=...) (TrainConfig.conv) sets every regular conv's formulation.
+    forced = create_model("resnet_tiny", conv="lax", rngs=nnx.Rngs(0))
+    impls = {m.impl for _, m in nnx.iter_graph(forced) if isinstance(m, Conv)}
+    assert impls == {"lax"}
     m = create_model("resnet_tiny", rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="impl"):
         set_conv_impl(m, "fast")
@@ -190,24 +228,27 @@ def test_resnet_tiny_same_outputs_with_taps_and_lax():
     assert _rel(out, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("arch,size,batch", [("resnet_tiny", 32, 4), ("mobilenet_v2", 64, 8)])
-def test_train_gradients_equal_across_conv_formulations(arch, size, batch):
+@pytest.mark.parametrize("arch,size,batch,impl", [
+    ("resnet_tiny", 32, 4, "auto"), ("mobilenet_v2", 64, 8, "auto"), ("resnet_tiny", 64, 2, "winograd"),
+])
+def test_train_gradients_equal_across_conv_formulations(arch, size, batch, impl):
     """The whole model in train mode (BatchNorm batch statistics): loss and every parameter
-    gradient with the CPU "auto" formulations equal the standard convolution's."""
+    gradient with the CPU "auto" formulations (or Winograd wherever it applies) equal the
+    standard convolution's."""
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     grads = {}
-    for impl in ("lax", "auto"):
+    for variant in ("lax", impl):
         m = create_model(arch, rngs=nnx.Rngs(0), **({"width_mult": 0.25} if arch == "mobilenet_v2" else {}))
-        set_conv_impl(m, impl)
+        set_conv_impl(m, variant)
         m.train()
 
         def loss(m):
             return jnp.mean(m(images)["logits"] ** 2)
 
         value, g = nnx.value_and_grad(loss)(m)
-        grads[impl] = (float(value), {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(g, nnx.Param))})
+        grads[variant] = (float(value), {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(g, nnx.Param))})
     ref_value, ref = grads["lax"]
-    value, g = grads["auto"]
+    value, g = grads[impl]
     # float32 sums in another order, amplified through a dozen BatchNorms: ~1e-5 on the loss,
     # <= 1e-3 of each gradient. Gradients that are 0 in exact arithmetic (a BN bias right before
     # another BN) are float noise either way, hence the floor relative to the largest gradient.

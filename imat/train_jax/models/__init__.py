@@ -23,7 +23,7 @@ from flax import nnx
 
 from imat.constants import NUM_CATEGORIES
 from imat.errors import ConfigError
-from imat.train_jax.models.layers import DEPTHWISE_MODES, resolve_depthwise, set_depthwise
+from imat.train_jax.models.layers import CONV_MODES, DEPTHWISE_MODES, resolve_depthwise, set_conv_impl, set_depthwise
 from imat.train_jax.models.mobilenet_v2 import MobileNetV2
 from imat.train_jax.models.resnet import ResNet, build_resnet
 
@@ -64,19 +64,23 @@ def create_model(
     rotation_head: bool = False,
     pretrained=None,
     depthwise: str = "auto",
+    conv: str = "auto",
     input_pool: int = 1,
     rngs: nnx.Rngs,
     **arch_kwargs,
 ) -> nnx.Module:
     """Build a registered model; ``pretrained`` (a .safetensors path or a state dict) is loaded with
     ``imat.train_jax.pretrained.load_torchvision_state_dict``. ``arch_kwargs`` are architecture
-    options (``width_mult`` for mobilenet_v2). ``depthwise``: "auto" | "grouped" | "shifted".
+    options (``width_mult`` for mobilenet_v2). ``depthwise``: "auto" | "grouped" | "shifted";
+    ``conv``: the regular convs' formulation (``CONV_MODES``; "auto": imat's CPU formulations).
     ``input_pool`` > 1 averages the normalised input over pool x pool blocks before the stem
     (parameter-free, so torchvision weights still load)."""
     if name not in MODELS:
         raise ConfigError(f"unknown model architecture {name!r}; choose one of {sorted(MODELS)}")
     if depthwise not in DEPTHWISE_MODES:
         raise ConfigError(f"depthwise={depthwise!r} is not one of {DEPTHWISE_MODES}")
+    if conv not in CONV_MODES:
+        raise ConfigError(f"conv={conv!r} is not one of {CONV_MODES}")
     if name != "mobilenet_v2" and arch_kwargs:
         raise ConfigError(f"options {sorted(arch_kwargs)} are not understood by {name!r}")
     if set(arch_kwargs) - {"width_mult"}:
@@ -89,6 +93,8 @@ def create_model(
         num_classes=int(num_classes), embedding_dim=int(embedding_dim), rotation_head=bool(rotation_head),
         depthwise=depthwise, rngs=rngs, input_pool=int(input_pool), **arch_kwargs,
     )
+    if conv != "auto":
+        set_conv_impl(model, conv)
     model.arch = name
     model.config = {
         "num_classes": int(num_classes),

@@ -1,7 +1,7 @@
 """Building blocks shared by the imat backbones: explicit-padding convs, BatchNorm, pooling,
 the in-model ImageNet normalisation, and two convs with CPU-only formulations: the regular
-``Conv`` ("im2col" and "taps", for the shapes whose XLA:CPU convolution, or its gradient, is
-slow) and ``DepthwiseConv``. Every formulation uses the same parameters and computes the same
+``Conv`` ("im2col", "taps" and "winograd", for the shapes whose XLA:CPU convolution, or its
+gradient, is slow) and ``DepthwiseConv``. Every formulation uses the same parameters and computes the same
 function (tests compare forward and gradients with ``lax.conv_general_dilated``).
 
 Every conv here is an ``nnx.Conv`` subclass (``Conv`` or ``DepthwiseConv``) with *explicit*
@@ -32,7 +32,10 @@ logger = logging.getLogger(__name__)
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # Flax convention; equals torch momentum=0.1
 DEPTHWISE_MODES = ("auto", "grouped", "shifted")
-CONV_MODES = ("auto", "lax", "taps", "im2col")
+CONV_MODES = ("auto", "lax", "taps", "im2col", "winograd")
+# Smallest H and W at which "auto" picks Winograd on CPU (resnet18 step, 128 px: from 16 24.8 ->
+# 27.7 images/s, from 8 26.2, from 4 26.0; per layer fwd+bwd at 8x8x256 40 ms vs im2col's 36).
+WINOGRAD_MIN_SIZE = 16
 
 # torchvision inits convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -246,17 +249,140 @@ def _conv_im2col_bwd(strides, padding, precision, residuals, dy):
 conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
 
 
+def _winograd_bt(d0, d1, d2, d3):
+    """B^T of Winograd F(2, 3) applied to the 4 rows (or columns) of a tile."""
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def _winograd_at(m0, m1, m2, m3):
+    """A^T of Winograd F(2, 3): 4 transformed rows (or columns) -> the tile's 2 outputs."""
+    return m0 + m1 + m2, m1 - m2 - m3
+
+
+def _winograd_g(g0, g1, g2):
+    """G of Winograd F(2, 3): the 3 kernel rows (or columns) -> 4."""
+    return g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2
+
+
+def winograd_applies(kernel_hw, strides, padding) -> bool:
+    """Whether ``conv_winograd`` computes this conv: 3x3, stride 1, padding 1 on every side."""
+    return tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1) and \
+        tuple(tuple(p) for p in padding) == ((1, 1), (1, 1))
+
+
+def _winograd_input(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [16, B*tiles, C]: ``B^T d B`` of every 4x4 tile of the 1-padded input
+    (tiles at stride 2; odd sizes padded to whole tiles)."""
+    b, h, w, c = x.shape
+    nh, nw = -(-h // 2), -(-w // 2)
+    xp = jnp.pad(x, ((0, 0), (1, 2 * nh + 1 - h), (1, 2 * nw + 1 - w), (0, 0)))
+    # Tile t covers padded rows 2t..2t+3: rows (2t, 2t+1) are block t, (2t+2, 2t+3) block t+1.
+    r = xp.reshape(b, nh + 1, 2, 2 * nw + 2, c)
+    v = []
+    for row in _winograd_bt(r[:, :nh, 0], r[:, :nh, 1], r[:, 1:, 0], r[:, 1:, 1]):
+        q = row.reshape(b, nh, nw + 1, 2, c)
+        v.extend(_winograd_bt(q[:, :, :nw, 0], q[:, :, :nw, 1], q[:, :, 1:, 0], q[:, :, 1:, 1]))
+    return jnp.stack(v).reshape(16, b * nh * nw, c)
+
+
+def _winograd_kernel(kernel: jax.Array) -> jax.Array:
+    """HWIO [3, 3, Cin, Cout] -> [16, Cin, Cout]: ``G g G^T``."""
+    u = []
+    for row in _winograd_g(kernel[0], kernel[1], kernel[2]):
+        u.extend(_winograd_g(row[0], row[1], row[2]))
+    return jnp.stack(u)
+
+
+def _winograd_output(m: jax.Array, b: int, h: int, w: int) -> jax.Array:
+    """[16, B*tiles, Cout] -> [B, H, W, Cout]: ``A^T m A`` (2x2 outputs per tile), cropped."""
+    nh, nw = -(-h // 2), -(-w // 2)
+    cout = m.shape[-1]
+    m = m.reshape(4, 4, b, nh, nw, cout)
+    cols = [_winograd_at(m[i, 0], m[i, 1], m[i, 2], m[i, 3]) for i in range(4)]
+    left = _winograd_at(*[col[0] for col in cols])  # output rows 0, 1 of each tile's column 0
+    right = _winograd_at(*[col[1] for col in cols])
+    y = jnp.stack([jnp.stack([left[0], right[0]], axis=3), jnp.stack([left[1], right[1]], axis=3)], axis=2)
+    return y.reshape(b, 2 * nh, 2 * nw, cout)[:, :h, :w, :]
+
+
+def _winograd_a(d0, d1):
+    """A of Winograd F(2, 3) (the transpose of ``_winograd_at``): 2 output rows -> 4."""
+    return d0, d0 + d1, d0 - d1, -d1
+
+
+def _winograd_output_transpose(dy: jax.Array) -> jax.Array:
+    """[B, H, W, Cout] -> [16, B*tiles, Cout]: the transpose of ``_winograd_output`` (``A dy A^T``
+    per 2x2 output tile; output tiles do not overlap, so this is one elementwise pass)."""
+    b, h, w, cout = dy.shape
+    nh, nw = -(-h // 2), -(-w // 2)
+    d = jnp.pad(dy, ((0, 0), (0, 2 * nh - h), (0, 2 * nw - w), (0, 0))).reshape(b, nh, 2, nw, 2, cout)
+    out = []
+    for row in _winograd_a(d[:, :, 0], d[:, :, 1]):
+        out.extend(_winograd_a(row[:, :, :, 0], row[:, :, :, 1]))
+    return jnp.stack(out).reshape(16, b * nh * nw, cout)
+
+
+def _winograd_products(v: jax.Array, u: jax.Array, precision) -> jax.Array:
+    """The 16 independent products [B*tiles, Cin] @ [Cin, Cout]."""
+    return jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_winograd(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+    """A 3x3, stride-1, padding-1 conv by Winograd's minimal filtering F(2x2, 3x3).
+
+    x: [B, H, W, Cin] (any H, W: odd sizes are padded to whole tiles and cropped); kernel: HWIO
+    [3, 3, Cin, Cout]. The padded input is cut into 4x4 tiles at stride 2; each tile d becomes
+    ``B^T d B``, the kernel ``G g G^T`` (16 values per channel pair), and the conv is 16
+    independent products [B*tiles, Cin] @ [Cin, Cout] followed by ``A^T m A`` (2x2 outputs per
+    tile): 16/36 = 1/2.25 of a direct conv's multiply-adds. The gradient is written out
+    (``_conv_winograd_bwd``), both parts in the Winograd domain too: the input gradient of a
+    stride-1 "same" conv is the same conv of the output gradient with the kernel flipped and
+    its channels swapped (autodiff would instead transpose the overlapping-tile input transform
+    into one padded full-size add per tile position, 1.2-1.7x slower per layer); the kernel
+    gradient is ``G^T (V^T (A dy A^T)) G`` with the forward's transformed input V as residual.
+    The transforms are adds and halvings, exact in float32 up to rounding (tests compare
+    forward and gradients with ``lax.conv_general_dilated``).
+    """
+    b, h, w, _ = x.shape
+    return _winograd_output(_winograd_products(_winograd_input(x), _winograd_kernel(kernel), precision), b, h, w)
+
+
+def _conv_winograd_fwd(x, kernel, precision):
+    b, h, w, _ = x.shape
+    v = _winograd_input(x)
+    return _winograd_output(_winograd_products(v, _winograd_kernel(kernel), precision), b, h, w), (v, kernel)
+
+
+def _conv_winograd_bwd(precision, residuals, dy):
+    v, kernel = residuals
+    dm = _winograd_output_transpose(dy)
+    du = jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision)
+    _, kernel_vjp = jax.vjp(_winograd_kernel, kernel)
+    (dkernel,) = kernel_vjp(du)
+    dx = conv_winograd(dy, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), precision)
+    return dx, dkernel
+
+
+conv_winograd.defvjp(_conv_winograd_fwd, _conv_winograd_bwd)
+
+
 def cpu_conv_formulation(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides, padding) -> str:
-    """The fastest of "lax" | "taps" | "im2col" on XLA:CPU for a conv's forward *and* gradients.
+    """The fastest of "lax" | "taps" | "im2col" | "winograd" on XLA:CPU for a conv's forward *and*
+    gradients.
 
     Measured (jax 0.10, 2-core Xeon, batch 32; benchmarks/train_speed.py): XLA:CPU computes a
     1x1 conv's gradients 4-7x slower than the same product, and the kernel gradient of a kxk conv
     2-5x slower than its forward conv; as im2col the three products of a step (forward, input and
     kernel gradient) share one patch matrix, and the whole ResNet train step is faster. Tiny maps
-    (``taps_is_faster``) keep taps, whose per-tap products need no patch matrix.
+    (``taps_is_faster``) keep taps, whose per-tap products need no patch matrix. Stride-1 3x3
+    convs on maps of at least ``WINOGRAD_MIN_SIZE`` use Winograd (2.25x fewer multiply-adds; its
+    transforms are memory passes over 4x the activation, which stop paying on smaller maps).
     """
     if kernel_hw[0] * kernel_hw[1] > 1 and taps_is_faster(in_hw, kernel_hw, strides, padding):
         return "taps"
+    if winograd_applies(kernel_hw, strides, padding) and min(in_hw) >= WINOGRAD_MIN_SIZE:
+        return "winograd"
     return "im2col"
 
 
@@ -345,7 +471,8 @@ class Conv(nnx.Conv):
 
     ``impl``: "lax" always ``lax.conv_general_dilated``; "taps" always ``conv_taps``, "im2col"
     always ``conv_im2col`` (when the conv is a plain 2-D NHWC conv: one group, no dilation,
-    explicit padding, no mask); "auto" (default) asks ``cpu_conv_formulation`` on the CPU
+    explicit padding, no mask), "winograd" ``conv_winograd`` for 3x3 stride-1 padding-1 convs
+    ("lax" for the others); "auto" (default) asks ``cpu_conv_formulation`` on the CPU
     backend and uses "lax" elsewhere (GPUs/TPUs have fast convolutions and their gradients).
     The choice is static: made at trace time from shapes and ``jax.default_backend()``.
     """
@@ -366,11 +493,13 @@ class Conv(nnx.Conv):
         return _explicit_pairs(self.padding)
 
     def formulation(self, x: jax.Array) -> str:
-        """"lax" | "taps" | "im2col" for this call (static: from shapes, ``impl`` and the backend)."""
+        """"lax" | "taps" | "im2col" | "winograd" for this call (static: from shapes, ``impl`` and the backend)."""
         if self.impl == "lax":
             return "lax"
         padding = self._taps_padding(x)
         if padding is None:
+            return "lax"
+        if self.impl == "winograd" and not winograd_applies(self.kernel_size, self._strides(), padding):
             return "lax"
         if self.impl != "auto":
             return self.impl
@@ -392,13 +521,17 @@ class Conv(nnx.Conv):
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
-        fn = conv_taps if formulation == "taps" else conv_im2col
-        y = fn(x, kernel, self._strides(), _explicit_pairs(self.padding), self.precision)
+        if formulation == "winograd":
+            y = conv_winograd(x, kernel, self.precision)
+        else:
+            fn = conv_taps if formulation == "taps" else conv_im2col
+            y = fn(x, kernel, self._strides(), _explicit_pairs(self.padding), self.precision)
         return y if bias is None else y + bias
 
 
 def set_conv_impl(model: nnx.Module, impl: str) -> None:
-    """Switch every ``Conv`` of ``model`` to ``impl`` ("auto" | "lax" | "taps" | "im2col") in place."""
+    """Switch every ``Conv`` of ``model`` to ``impl`` ("auto" | "lax" | "taps" | "im2col" |
+    "winograd", the last where it applies and "lax" elsewhere) in place."""
     if impl not in CONV_MODES:
         raise ConfigError(f"conv impl={impl!r} is not one of {CONV_MODES}; pick one of them")
     for _, module in nnx.iter_graph(model):
