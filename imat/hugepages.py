@@ -2,12 +2,12 @@
 
 XLA:CPU allocates a jitted step's temporaries afresh on every call, through malloc; glibc serves
 every allocation of 32 MiB or more with a new ``mmap``, so each train step first page-faults its
-activations in 4 KiB pages (slow on virtual machines: a 64 MiB elementwise op took 55 ms with
-fresh pages vs 5 ms on reused ones). glibc >= 2.35 has a tunable that makes malloc ask for
+activations in 4 KiB pages (slow on virtual machines: a jitted 64 MiB ``x * 2`` took 25 ms,
+12.6 ms with the tunable below; the rest is DRAM bandwidth). glibc >= 2.35 has a tunable that makes malloc ask for
 transparent huge pages on those regions (``madvise`` mode, the common kernel default, is
 enough): 512x fewer faults. It is read at process start only, so the ``imat`` command re-executes
 itself once with it set (``reexec_with_hugepages``) before it imports anything heavy.
-Measured (benchmarks/RESULTS.md, issue 17): CPU train steps 1.2-1.4x faster; PyTorch unchanged.
+Measured (benchmarks/RESULTS.md, issue 17): CPU train steps 1.18-1.44x faster; PyTorch unchanged.
 ``IMAT_HUGEPAGES=0`` turns it off.
 """
 

@@ -33,8 +33,9 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # Flax convention; equals torch momentum=0.1
 DEPTHWISE_MODES = ("auto", "grouped", "shifted")
 CONV_MODES = ("auto", "lax", "taps", "im2col", "winograd")
-# Smallest H and W at which "auto" picks Winograd on CPU (resnet18 step, 128 px: from 16 24.8 ->
-# 27.7 images/s, from 8 26.2, from 4 26.0; per layer fwd+bwd at 8x8x256 40 ms vs im2col's 36).
+# Smallest H and W at which "auto" picks Winograd on CPU (resnet18 step, 128 px, interleaved:
+# no Winograd 22.5 images/s, from 16 24.4, from 8 24.9, from 4 22.2; a second pair from 16 28.1,
+# from 8 27.4: within noise, so the conservative 16; benchmarks/RESULTS.md, issue 17).
 WINOGRAD_MIN_SIZE = 16
 
 # torchvision inits convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
