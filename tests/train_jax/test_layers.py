@@ -77,26 +77,49 @@ def test_formulation_equals_lax_forward_and_gradients(h, w, k, stride, formulati
     assert _rel(gk, gk_ref) <= 1e-5
 
 
+# Float32 rounding of the Winograd transforms: F(4x4)'s coefficients (up to 8 and 1/24) round
+# more than F(2x2)'s adds and halvings; both are compared with XLA's conv at HIGHEST precision.
+WINOGRAD_TOLERANCE = {2: 1e-5, 4: 5e-5}
+
+
+@pytest.mark.parametrize("tile", sorted(WINOGRAD_TOLERANCE))
 @pytest.mark.parametrize(
     "b,h,w,cin,cout",
-    [(1, 1, 1, 1, 1), (3, 2, 3, 6, 5), (2, 5, 4, 6, 5), (1, 7, 9, 3, 8), (2, 16, 16, 16, 32), (3, 17, 15, 8, 4)],
+    [(1, 1, 1, 1, 1), (3, 2, 3, 6, 5), (2, 5, 4, 6, 5), (1, 7, 9, 3, 8), (2, 16, 16, 16, 32), (3, 17, 15, 8, 4),
+     (2, 4, 4, 64, 48), (1, 6, 10, 5, 3)],
 )
-def test_winograd_equals_lax_forward_and_gradients(b, h, w, cin, cout):
-    """Winograd F(2x2, 3x3): odd sizes (padded to whole tiles, cropped), maps smaller than a tile,
-    batch 1, one channel; forward, input and kernel gradients within float32 rounding."""
+def test_winograd_equals_lax_forward_and_gradients(b, h, w, cin, cout, tile):
+    """Winograd F(m x m, 3x3), m = 2 and 4: sizes that are not a multiple of the tile (padded to
+    whole tiles, cropped), maps smaller than a tile, batch 1, one channel; forward, input and
+    kernel gradients within float32 rounding."""
     rng = np.random.default_rng(b * 1000 + h * 100 + w * 10 + cin)
     x = jnp.asarray(rng.standard_normal((b, h, w, cin)), jnp.float32)
     kern = jnp.asarray(rng.standard_normal((3, 3, cin, cout)), jnp.float32)
     strides, padding = (1, 1), ((1, 1), (1, 1))
+    tol = WINOGRAD_TOLERANCE[tile]
     ref = _lax(x, kern, strides, padding)
-    out = jax.jit(conv_winograd, static_argnums=2)(x, kern, "highest")
+    out = jax.jit(conv_winograd, static_argnums=(2, 3))(x, kern, "highest", tile)
     assert out.shape == ref.shape
-    assert _rel(out, ref) <= 1e-5
+    assert _rel(out, ref) <= tol
     cot = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
     gx_ref, gk_ref = jax.grad(lambda x, k: jnp.sum(_lax(x, k, strides, padding) * cot), argnums=(0, 1))(x, kern)
-    gx, gk = jax.jit(jax.grad(lambda x, k: jnp.sum(conv_winograd(x, k, "highest") * cot), argnums=(0, 1)))(x, kern)
-    assert _rel(gx, gx_ref) <= 1e-5
-    assert _rel(gk, gk_ref) <= 1e-5
+    gx, gk = jax.jit(jax.grad(lambda x, k: jnp.sum(conv_winograd(x, k, "highest", tile) * cot), argnums=(0, 1)))(x, kern)
+    assert _rel(gx, gx_ref) <= tol
+    assert _rel(gk, gk_ref) <= tol
+
+
+def test_winograd_output_consumed_elementwise_keeps_gradients():
+    """The conv's output used twice (in the loss and as its own cotangent path through a product
+    with the input) must give the same gradients: the case where a fused output transform was
+    recomputed per element (a performance bug, but the values must hold either way)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 6)), jnp.float32)
+    kern = jnp.asarray(rng.standard_normal((3, 3, 6, 6)), jnp.float32)
+    strides, padding = (1, 1), ((1, 1), (1, 1))
+    ref = jax.grad(lambda x, k: jnp.sum(_lax(x, k, strides, padding) * x), argnums=(0, 1))(x, kern)
+    got = jax.jit(jax.grad(lambda x, k: jnp.sum(conv_winograd(x, k, "highest") * x), argnums=(0, 1)))(x, kern)
+    for g, r in zip(got, ref):
+        assert _rel(g, r) <= WINOGRAD_TOLERANCE[4]
 
 
 @pytest.mark.parametrize("formulation", sorted(FORMULATIONS))
@@ -143,8 +166,9 @@ def test_taps_rule(in_hw, k, stride, expected):
         ((32, 32), 3, 2, "im2col"),
         ((32, 32), 3, 1, "winograd"),  # stride-1 3x3 on maps >= WINOGRAD_MIN_SIZE
         ((16, 17), 3, 1, "winograd"),
-        ((8, 8), 3, 1, "im2col"),
-        ((15, 32), 3, 1, "im2col"),
+        ((8, 8), 3, 1, "winograd"),
+        ((4, 4), 3, 1, "winograd"),
+        ((3, 32), 3, 1, "im2col"),
         ((2, 2), 3, 1, "taps"),  # the tiny maps taps_is_faster names keep taps
         ((4, 4), 3, 2, "taps"),
     ],

@@ -22,6 +22,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from imat.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -33,10 +34,11 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # Flax convention; equals torch momentum=0.1
 DEPTHWISE_MODES = ("auto", "grouped", "shifted")
 CONV_MODES = ("auto", "lax", "taps", "im2col", "winograd")
-# Smallest H and W at which "auto" picks Winograd on CPU (resnet18 step, 128 px, interleaved:
-# no Winograd 22.5 images/s, from 16 24.4, from 8 24.9, from 4 22.2; a second pair from 16 28.1,
-# from 8 27.4: within noise, so the conservative 16; benchmarks/RESULTS.md, issue 17).
-WINOGRAD_MIN_SIZE = 16
+# Winograd output tile of "auto" on CPU, and the smallest H and W it is used on (resnet18 step,
+# 128 px, batch 32, interleaved: im2col below 16 + F(2x2) from 16 23.2 images/s; F(4x4) from 16
+# 26.8, from 8 28.4, from 4 29.9; F(2x2) from 4 27.5; benchmarks/RESULTS.md, issue 17).
+WINOGRAD_TILE = 4
+WINOGRAD_MIN_SIZE = 4
 
 # torchvision inits convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -250,19 +252,41 @@ def _conv_im2col_bwd(strides, padding, precision, residuals, dy):
 conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
 
 
-def _winograd_bt(d0, d1, d2, d3):
-    """B^T of Winograd F(2, 3) applied to the 4 rows (or columns) of a tile."""
-    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+# Winograd F(m x m, 3x3) for output tile m: (B^T [n, n], G [n, 3], A^T [m, n]), n = m + 2 (Lavin &
+# Gray 2016; interpolation points 0, +-1 for m = 2 and 0, +-1, +-2 for m = 4, plus infinity).
+WINOGRAD_MATRICES = {
+    2: (
+        np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32),
+        np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32),
+    ),
+    4: (
+        np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float32),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float32),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float32),
+    ),
+}
+_EXACT = jax.lax.Precision.HIGHEST  # the transforms are f32 products on every backend
 
 
-def _winograd_at(m0, m1, m2, m3):
-    """A^T of Winograd F(2, 3): 4 transformed rows (or columns) -> the tile's 2 outputs."""
-    return m0 + m1 + m2, m1 - m2 - m3
-
-
-def _winograd_g(g0, g1, g2):
-    """G of Winograd F(2, 3): the 3 kernel rows (or columns) -> 4."""
-    return g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2
+def _combine(matrix: np.ndarray, parts: list) -> list:
+    """``matrix @ parts`` for a small constant matrix over a list of arrays, as adds (a +-1
+    coefficient is an add or a subtract, zeros are skipped) so XLA fuses it into one pass."""
+    out = []
+    for row in matrix:
+        acc = None
+        for coef, part in zip(row.tolist(), parts):
+            if coef == 0:
+                continue
+            term = part if coef in (1, -1) else part * coef
+            if acc is None:
+                acc = -term if coef == -1 else term
+            else:
+                acc = acc - term if coef == -1 else acc + term
+        out.append(acc)
+    return out
 
 
 def winograd_applies(kernel_hw, strides, padding) -> bool:
@@ -271,97 +295,115 @@ def winograd_applies(kernel_hw, strides, padding) -> bool:
         tuple(tuple(p) for p in padding) == ((1, 1), (1, 1))
 
 
-def _winograd_input(x: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> [16, B*tiles, C]: ``B^T d B`` of every 4x4 tile of the 1-padded input
-    (tiles at stride 2; odd sizes padded to whole tiles)."""
+def _winograd_input(x: jax.Array, tile: int) -> jax.Array:
+    """[B, H, W, C] -> [n*n, B*tiles, C]: ``B^T d B`` of every n x n tile of the 1-padded input
+    (tiles at stride ``tile``; sizes that are not a multiple are padded to whole tiles). One
+    fused pass: rows first, then columns, each from strided views of the padded input."""
+    bt = WINOGRAD_MATRICES[tile][0]
+    n = tile + 2
     b, h, w, c = x.shape
-    nh, nw = -(-h // 2), -(-w // 2)
-    xp = jnp.pad(x, ((0, 0), (1, 2 * nh + 1 - h), (1, 2 * nw + 1 - w), (0, 0)))
-    # Tile t covers padded rows 2t..2t+3: rows (2t, 2t+1) are block t, (2t+2, 2t+3) block t+1.
-    r = xp.reshape(b, nh + 1, 2, 2 * nw + 2, c)
+    nh, nw = -(-h // tile), -(-w // tile)
+    xp = jnp.pad(x, ((0, 0), (1, tile * nh + tile - 1 - h), (1, tile * nw + tile - 1 - w), (0, 0)))
+    # Tile t covers padded rows tile*t .. tile*t + n - 1: row k of it is row k % tile of block t + k // tile.
+    r = xp.reshape(b, nh + 1, tile, tile * nw + tile, c)
     v = []
-    for row in _winograd_bt(r[:, :nh, 0], r[:, :nh, 1], r[:, 1:, 0], r[:, 1:, 1]):
-        q = row.reshape(b, nh, nw + 1, 2, c)
-        v.extend(_winograd_bt(q[:, :, :nw, 0], q[:, :, :nw, 1], q[:, :, 1:, 0], q[:, :, 1:, 1]))
-    return jnp.stack(v).reshape(16, b * nh * nw, c)
+    for row in _combine(bt, [r[:, k // tile:nh + k // tile, k % tile] for k in range(n)]):
+        q = row.reshape(b, nh, nw + 1, tile, c)
+        v.extend(_combine(bt, [q[:, :, k // tile:nw + k // tile, k % tile] for k in range(n)]))
+    return jnp.stack(v).reshape(n * n, b * nh * nw, c)
 
 
-def _winograd_kernel(kernel: jax.Array) -> jax.Array:
-    """HWIO [3, 3, Cin, Cout] -> [16, Cin, Cout]: ``G g G^T``."""
-    u = []
-    for row in _winograd_g(kernel[0], kernel[1], kernel[2]):
-        u.extend(_winograd_g(row[0], row[1], row[2]))
-    return jnp.stack(u)
+def _kron(matrix: np.ndarray) -> np.ndarray:
+    """The 2-D transform ``M t M^T`` of a flattened tile as one matrix: ``kron(M, M)``."""
+    return np.kron(matrix, matrix).astype(np.float32)
 
 
-def _winograd_output(m: jax.Array, b: int, h: int, w: int) -> jax.Array:
-    """[16, B*tiles, Cout] -> [B, H, W, Cout]: ``A^T m A`` (2x2 outputs per tile), cropped."""
-    nh, nw = -(-h // 2), -(-w // 2)
+def _winograd_kernel(kernel: jax.Array, tile: int) -> jax.Array:
+    """HWIO [3, 3, Cin, Cout] -> [n*n, Cin, Cout]: ``G g G^T`` as one product."""
+    gg = _kron(WINOGRAD_MATRICES[tile][1])
+    return jnp.dot(gg, kernel.reshape(9, -1), precision=_EXACT).reshape(gg.shape[0], *kernel.shape[2:])
+
+
+def _winograd_kernel_transpose(du: jax.Array, tile: int) -> jax.Array:
+    """[n*n, Cin, Cout] -> [3, 3, Cin, Cout]: the transpose of ``_winograd_kernel`` (``G^T du G``)."""
+    gg = _kron(WINOGRAD_MATRICES[tile][1])
+    return jnp.dot(gg.T, du.reshape(gg.shape[0], -1), precision=_EXACT).reshape(3, 3, *du.shape[1:])
+
+
+def _winograd_output(m: jax.Array, tile: int, b: int, h: int, w: int) -> jax.Array:
+    """[n*n, B*tiles, Cout] -> [B, H, W, Cout]: ``A^T m A`` (tile x tile outputs per tile), cropped.
+
+    One product with ``kron(A^T, A^T)`` and a transpose: XLA cannot fuse a product into its
+    consumers, whereas the same transform as adds was fused into whatever consumed the conv's
+    output and recomputed there per output element (a 7x slower gradient, F(4x4) at 32x32)."""
+    n = tile + 2
+    nh, nw = -(-h // tile), -(-w // tile)
     cout = m.shape[-1]
-    m = m.reshape(4, 4, b, nh, nw, cout)
-    cols = [_winograd_at(m[i, 0], m[i, 1], m[i, 2], m[i, 3]) for i in range(4)]
-    left = _winograd_at(*[col[0] for col in cols])  # output rows 0, 1 of each tile's column 0
-    right = _winograd_at(*[col[1] for col in cols])
-    y = jnp.stack([jnp.stack([left[0], right[0]], axis=3), jnp.stack([left[1], right[1]], axis=3)], axis=2)
-    return y.reshape(b, 2 * nh, 2 * nw, cout)[:, :h, :w, :]
+    aa = _kron(WINOGRAD_MATRICES[tile][2])
+    y = jnp.dot(aa, m.reshape(n * n, -1), precision=_EXACT).reshape(tile, tile, b, nh, nw, cout)
+    return y.transpose(2, 3, 0, 4, 1, 5).reshape(b, tile * nh, tile * nw, cout)[:, :h, :w, :]
 
 
-def _winograd_a(d0, d1):
-    """A of Winograd F(2, 3) (the transpose of ``_winograd_at``): 2 output rows -> 4."""
-    return d0, d0 + d1, d0 - d1, -d1
-
-
-def _winograd_output_transpose(dy: jax.Array) -> jax.Array:
-    """[B, H, W, Cout] -> [16, B*tiles, Cout]: the transpose of ``_winograd_output`` (``A dy A^T``
-    per 2x2 output tile; output tiles do not overlap, so this is one elementwise pass)."""
+def _winograd_output_transpose(dy: jax.Array, tile: int) -> jax.Array:
+    """[B, H, W, Cout] -> [n*n, B*tiles, Cout]: the transpose of ``_winograd_output`` (``A dy A^T``
+    per output tile; output tiles do not overlap, so this is a transpose and one product)."""
+    n = tile + 2
     b, h, w, cout = dy.shape
-    nh, nw = -(-h // 2), -(-w // 2)
-    d = jnp.pad(dy, ((0, 0), (0, 2 * nh - h), (0, 2 * nw - w), (0, 0))).reshape(b, nh, 2, nw, 2, cout)
-    out = []
-    for row in _winograd_a(d[:, :, 0], d[:, :, 1]):
-        out.extend(_winograd_a(row[:, :, :, 0], row[:, :, :, 1]))
-    return jnp.stack(out).reshape(16, b * nh * nw, cout)
+    nh, nw = -(-h // tile), -(-w // tile)
+    d = jnp.pad(dy, ((0, 0), (0, tile * nh - h), (0, tile * nw - w), (0, 0)))
+    d = d.reshape(b, nh, tile, nw, tile, cout).transpose(2, 4, 0, 1, 3, 5).reshape(tile * tile, -1)
+    aa = _kron(WINOGRAD_MATRICES[tile][2])
+    return jnp.dot(aa.T, d, precision=_EXACT).reshape(n * n, b * nh * nw, cout)
 
 
-def _winograd_products(v: jax.Array, u: jax.Array, precision) -> jax.Array:
-    """The 16 independent products [B*tiles, Cin] @ [Cin, Cout]."""
-    return jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
+def _winograd_products(v: jax.Array, u: jax.Array, precision, transposed_kernel: bool = False) -> jax.Array:
+    """The n*n independent products [B*tiles, Cin] @ [Cin, Cout] (``u[t]^T`` if ``transposed_kernel``)."""
+    return jax.lax.dot_general(v, u, (((2,), (2 if transposed_kernel else 1,)), ((0,), (0,))), precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_winograd(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
-    """A 3x3, stride-1, padding-1 conv by Winograd's minimal filtering F(2x2, 3x3).
+def _winograd_conv(x, u, tile, precision, transposed_kernel=False):
+    b, h, w, _ = x.shape
+    return _winograd_output(_winograd_products(_winograd_input(x, tile), u, precision, transposed_kernel), tile, b, h, w)
 
-    x: [B, H, W, Cin] (any H, W: odd sizes are padded to whole tiles and cropped); kernel: HWIO
-    [3, 3, Cin, Cout]. The padded input is cut into 4x4 tiles at stride 2; each tile d becomes
-    ``B^T d B``, the kernel ``G g G^T`` (16 values per channel pair), and the conv is 16
-    independent products [B*tiles, Cin] @ [Cin, Cout] followed by ``A^T m A`` (2x2 outputs per
-    tile): 16/36 = 1/2.25 of a direct conv's multiply-adds. The gradient is written out
-    (``_conv_winograd_bwd``), both parts in the Winograd domain too: the input gradient of a
-    stride-1 "same" conv is the same conv of the output gradient with the kernel flipped and
-    its channels swapped (autodiff would instead transpose the overlapping-tile input transform
-    into one padded full-size add per tile position, 1.2-1.7x slower per layer); the kernel
-    gradient is ``G^T (V^T (A dy A^T)) G`` with the forward's transformed input V as residual.
-    The transforms are adds and halvings, exact in float32 up to rounding (tests compare
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_winograd(x: jax.Array, kernel: jax.Array, precision=None, tile: int = WINOGRAD_TILE) -> jax.Array:
+    """A 3x3, stride-1, padding-1 conv by Winograd's minimal filtering F(m x m, 3x3), m = ``tile``
+    (4 or 2).
+
+    x: [B, H, W, Cin] (any H, W: sizes that are not a multiple of m are padded to whole tiles and
+    cropped); kernel: HWIO [3, 3, Cin, Cout]. The padded input is cut into n x n tiles (n = m + 2)
+    at stride m; each tile d becomes ``B^T d B``, the kernel ``G g G^T`` (n*n values per channel
+    pair), and the conv is n*n independent products [B*tiles, Cin] @ [Cin, Cout] followed by
+    ``A^T m A`` (m x m outputs per tile): n^2 / (9 m^2) of a direct conv's multiply-adds, 1/4 for
+    F(4x4) and 1/2.25 for F(2x2), with transformed activations (n/m)^2 = 2.25x resp. 4x the
+    activation. The gradient is written out (``_conv_winograd_bwd``), both parts in the Winograd
+    domain too: the input gradient of a stride-1 "same" conv is the same conv of the output
+    gradient with the kernel flipped and its channels swapped (autodiff would instead transpose
+    the overlapping-tile input transform into one padded full-size add per tile position); the
+    kernel gradient is ``G^T (V^T (A dy A^T)) G`` with the forward's transformed input V as
+    residual. The transforms are exact up to float32 rounding; F(4x4)'s larger coefficients
+    round a little more (relative error ~1e-5 at 512 channels, vs ~1e-6 for F(2x2); tests compare
     forward and gradients with ``lax.conv_general_dilated``).
     """
+    return _winograd_conv(x, _winograd_kernel(kernel, tile), tile, precision)
+
+
+def _conv_winograd_fwd(x, kernel, precision, tile):
     b, h, w, _ = x.shape
-    return _winograd_output(_winograd_products(_winograd_input(x), _winograd_kernel(kernel), precision), b, h, w)
+    v = _winograd_input(x, tile)
+    y = _winograd_output(_winograd_products(v, _winograd_kernel(kernel, tile), precision), tile, b, h, w)
+    return y, (v, kernel)
 
 
-def _conv_winograd_fwd(x, kernel, precision):
-    b, h, w, _ = x.shape
-    v = _winograd_input(x)
-    return _winograd_output(_winograd_products(v, _winograd_kernel(kernel), precision), b, h, w), (v, kernel)
-
-
-def _conv_winograd_bwd(precision, residuals, dy):
+def _conv_winograd_bwd(precision, tile, residuals, dy):
     v, kernel = residuals
-    dm = _winograd_output_transpose(dy)
+    dm = _winograd_output_transpose(dy, tile)
     du = jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision)
-    _, kernel_vjp = jax.vjp(_winograd_kernel, kernel)
-    (dkernel,) = kernel_vjp(du)
-    dx = conv_winograd(dy, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), precision)
+    dkernel = _winograd_kernel_transpose(du, tile)
+    # The flipped kernel's channel swap is folded into the products (contracting u's last axis):
+    # a transposed kernel materialised per call was fused into the transform and cost 20x it.
+    dx = _winograd_conv(dy, _winograd_kernel(kernel[::-1, ::-1], tile), tile, precision, transposed_kernel=True)
     return dx, dkernel
 
 
@@ -377,8 +419,10 @@ def cpu_conv_formulation(in_hw: tuple[int, int], kernel_hw: tuple[int, int], str
     2-5x slower than its forward conv; as im2col the three products of a step (forward, input and
     kernel gradient) share one patch matrix, and the whole ResNet train step is faster. Tiny maps
     (``taps_is_faster``) keep taps, whose per-tap products need no patch matrix. Stride-1 3x3
-    convs on maps of at least ``WINOGRAD_MIN_SIZE`` use Winograd (2.25x fewer multiply-adds; its
-    transforms are memory passes over 4x the activation, which stop paying on smaller maps).
+    convs on maps of at least ``WINOGRAD_MIN_SIZE`` use Winograd F(4x4, 3x3) (4x fewer
+    multiply-adds than a direct conv; its transforms are passes over 2.25x the activation; per
+    layer, forward + both gradients, it beat im2col and XLA's conv on every ResNet map from 32x32
+    to 4x4, benchmarks/RESULTS.md).
     """
     if kernel_hw[0] * kernel_hw[1] > 1 and taps_is_faster(in_hw, kernel_hw, strides, padding):
         return "taps"
