@@ -189,12 +189,13 @@ def _depthwise_loop64(x, kernel, stride, pad):
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [7, 8])
-def test_depthwise_formulations_are_equal(stride, size):
+@pytest.mark.parametrize("batch", [4, 5])  # the kernel gradient's scan: 2 chunks of 2 images, 5 of 1
+def test_depthwise_formulations_are_equal(stride, size, batch):
     rngs = nnx.Rngs(0)
     grouped = DepthwiseConv(5, 3, stride, impl="grouped", rngs=rngs)
     shifted = DepthwiseConv(5, 3, stride, impl="shifted", rngs=rngs)
     shifted.kernel[...] = grouped.kernel[...]
-    x = jax.random.normal(jax.random.key(size), (2, size, size + 1, 5))
+    x = jax.random.normal(jax.random.key(size), (batch, size, size + 1, 5))
     ref = _depthwise_loop64(x, grouped.kernel[...], stride, 1)
     for out in (grouped(x), shifted(x), depthwise_shifted(x, grouped.kernel[...], stride, 1)):
         out = np.asarray(out)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,7 @@ CONV_MODES = ("auto", "lax", "taps", "im2col", "winograd")
 # 26.8, from 8 28.4, from 4 29.9; F(2x2) from 4 27.5; benchmarks/RESULTS.md, issue 17).
 WINOGRAD_TILE = 4
 WINOGRAD_MIN_SIZE = 4
+DEPTHWISE_GRAD_CHUNK = 2  # images per step of the depthwise kernel gradient's scan (_depthwise_kernel_grad)
 
 # torchvision inits convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -470,21 +472,41 @@ def _depthwise_fwd(x, kernel, stride, padding):
     return _depthwise_taps_sum(xp, kernel, stride, ho, wo), (x, kernel)
 
 
+def _depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Array:
+    """[kh*kw, C]: per tap, sum over batch and positions of (shifted input) * dy.
+
+    Accumulated over chunks of ``DEPTHWISE_GRAD_CHUNK`` images in a ``lax.scan``: XLA:CPU runs
+    each tap's slice-multiply-reduce as its own pass, and over the whole batch each of the kh*kw
+    passes streams x and dy from memory again; per chunk they stay in cache (whole mobilenet_v2
+    step, 128 px, interleaved: 36.3 -> 40.2 images/s; benchmarks/RESULTS.md, issue 17)."""
+    b, c = x.shape[0], x.shape[3]
+    ho, wo = dy.shape[1], dy.shape[2]
+    chunk = math.gcd(b, DEPTHWISE_GRAD_CHUNK)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+    def add_chunk(acc, chunk_pair):
+        xc, dc = chunk_pair
+        return acc + jnp.stack([
+            jnp.sum(
+                jax.lax.slice(xc, (0, i, j, 0), (chunk, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                              (1, stride, stride, 1)) * dc,
+                axis=(0, 1, 2),
+            )
+            for i in range(kh) for j in range(kw)
+        ]), None
+
+    chunks = (xp.reshape(b // chunk, chunk, *xp.shape[1:]), dy.reshape(b // chunk, chunk, *dy.shape[1:]))
+    dkernel, _ = jax.lax.scan(add_chunk, jnp.zeros((kh * kw, c), jnp.result_type(x, dy)), chunks)
+    return dkernel
+
+
 def _depthwise_bwd(stride, padding, residuals, dy):
     x, kernel = residuals
     kh, kw = kernel.shape[0], kernel.shape[1]
     b, h, w, c = x.shape
     ho, wo = dy.shape[1], dy.shape[2]
     hp, wp = h + 2 * padding, w + 2 * padding
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    dkernel = jnp.stack([
-        jnp.sum(
-            jax.lax.slice(xp, (0, i, j, 0), (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                          (1, stride, stride, 1)) * dy,
-            axis=(0, 1, 2),
-        )
-        for i in range(kh) for j in range(kw)
-    ]).reshape(kh, kw, 1, c)
+    dkernel = _depthwise_kernel_grad(x, dy, kh, kw, stride, padding).reshape(kh, kw, 1, c)
     # d xp[m] = sum_i dyd[m - i] k[i], dyd = dy dilated by the stride: a stride-1 correlation of
     # dyd padded by k-1 (plus the rows the forward never reached) with the flipped kernel.
     zero = jnp.zeros((), dy.dtype)
