@@ -7,7 +7,7 @@ interleaved in one run, plus the input pipeline's images/s beside them.
 One train step = forward + backward + Adam on a batch of random images and 46 multi-hot labels
 (BCE), the same for both frameworks. imat's step is the trainer's own jitted ``make_train_step``;
 "lax" forces XLA's convolution everywhere, "auto" is what training uses (imat's CPU
-formulations: Winograd for stride-1 3x3 convs on maps >= 16, im2col products, tap sums for tiny
+formulations: Winograd F(4x4) for stride-1 3x3 convs on maps >= 4, im2col products, tap sums for tiny
 maps, shifted depthwise). Like the ``imat`` command, the script re-executes itself with glibc's
 huge-page malloc tunable (``imat.hugepages``; ``IMAT_HUGEPAGES=0`` measures without), and the
 PyTorch worker inherits the same environment. PyTorch runs
@@ -135,17 +135,22 @@ def imat_steps(arch: str, size: int, batch: int, impls: tuple[str, ...]):
     return steps
 
 
-def time_imat(entry, steps: int) -> list[float]:
+def time_imat(entry, steps: int, warmup: int = 2) -> list[float]:
+    """Seconds of each of ``steps`` steps, after ``warmup`` untimed ones: the first steps after
+    another variant ran are up to 2x slower (resnet18 128 px: 1.06-1.11 s, then 0.53-0.55 s;
+    resnet50: 1.8 and 2.4 s, then 1.40 s; presumably re-faulting memory the other step's buffers
+    took, not verified), which a training run, one step function over and over, never pays.
+    PyTorch's worker likewise runs an untimed step after each switch."""
     import jax
 
     compiled, holder, data, _ = entry
     times = []
-    for _ in range(steps):
+    for _ in range(warmup + steps):
         t = time.perf_counter()
         holder[0], metrics = compiled(holder[0], data)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t)
-    return times
+    return times[warmup:]
 
 
 def pipeline_rate(size: int, batch: int, work: pathlib.Path, steps: int = 20) -> float:
@@ -177,7 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="64,128,224")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration")
-    ap.add_argument("--steps", type=int, default=2, help="steps per variant per round")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant per round, after the switch")
     ap.add_argument("--torch-python", default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-lax", action="store_true", help="skip the standard-convolution variant")
@@ -208,7 +214,7 @@ def main(argv=None) -> int:
                 best: dict[str, float] = {}
                 for _ in range(args.rounds):
                     for impl, entry in steps.items():
-                        best[impl] = max(best.get(impl, 0.0), args.batch / np.median(time_imat(entry, args.steps)))
+                        best[impl] = max(best.get(impl, 0.0), args.batch / np.median(time_imat(entry, args.steps, args.warmup)))
                     if worker:
                         for fmt in ("contiguous", "channels_last"):
                             secs = worker.seconds(arch, size, args.batch, args.steps, fmt)

@@ -299,8 +299,16 @@ def winograd_applies(kernel_hw, strides, padding) -> bool:
 
 def _winograd_input(x: jax.Array, tile: int) -> jax.Array:
     """[B, H, W, C] -> [n*n, B*tiles, C]: ``B^T d B`` of every n x n tile of the 1-padded input
-    (tiles at stride ``tile``; sizes that are not a multiple are padded to whole tiles). One
-    fused pass: rows first, then columns, each from strided views of the padded input."""
+    (tiles at stride ``tile``; sizes that are not a multiple are padded to whole tiles). Two
+    passes: the row transform of all tile rows into one [n, B, tiles_h, W', C] array, then the
+    column transform of all n of those at once, each from strided views of the one before.
+
+    Why: with one column expression per tile row (36 outputs built as 6 x 6 small ones) the
+    transform ran at a tenth of a copy's rate; as one expression over all n rows, after an
+    optimization barrier that keeps the rows as their own pass, it is 1.6-2.7x faster on every
+    ResNet map at 128 px (batch 32, 32x32x64: 7.3-9.7 -> 3.5 ms; 4x4x512: 0.8 -> 0.5 ms, 0.7
+    without the barrier; benchmarks/RESULTS.md,
+    issue 17), same values bit for bit."""
     bt = WINOGRAD_MATRICES[tile][0]
     n = tile + 2
     b, h, w, c = x.shape
@@ -308,11 +316,10 @@ def _winograd_input(x: jax.Array, tile: int) -> jax.Array:
     xp = jnp.pad(x, ((0, 0), (1, tile * nh + tile - 1 - h), (1, tile * nw + tile - 1 - w), (0, 0)))
     # Tile t covers padded rows tile*t .. tile*t + n - 1: row k of it is row k % tile of block t + k // tile.
     r = xp.reshape(b, nh + 1, tile, tile * nw + tile, c)
-    v = []
-    for row in _combine(bt, [r[:, k // tile:nh + k // tile, k % tile] for k in range(n)]):
-        q = row.reshape(b, nh, nw + 1, tile, c)
-        v.extend(_combine(bt, [q[:, :, k // tile:nw + k // tile, k % tile] for k in range(n)]))
-    return jnp.stack(v).reshape(n * n, b * nh * nw, c)
+    rows = jnp.stack(_combine(bt, [r[:, k // tile:nh + k // tile, k % tile] for k in range(n)]))
+    q = jax.lax.optimization_barrier(rows).reshape(n, b, nh, nw + 1, tile, c)
+    v = _combine(bt, [q[:, :, :, k // tile:nw + k // tile, k % tile] for k in range(n)])
+    return jnp.stack(v, axis=1).reshape(n * n, b * nh * nw, c)
 
 
 def _kron(matrix: np.ndarray) -> np.ndarray:
