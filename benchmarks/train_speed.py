@@ -138,7 +138,7 @@ def imat_steps(arch: str, size: int, batch: int, impls: tuple[str, ...]):
 def time_imat(entry, steps: int, warmup: int = 2) -> list[float]:
     """Seconds of each of ``steps`` steps, after ``warmup`` untimed ones: the first steps after
     another variant ran are up to 2x slower (resnet18 128 px: 1.06-1.11 s, then 0.53-0.55 s;
-    resnet50: 1.8 and 2.4 s, then 1.40 s; presumably re-faulting memory the other step's buffers
+    resnet50: 1.8 s, once 2.4 s next, then 1.40-1.45 s; presumably re-faulting memory the other step's buffers
     took, not verified), which a training run, one step function over and over, never pays.
     PyTorch's worker likewise runs an untimed step after each switch."""
     import jax

@@ -304,11 +304,10 @@ def _winograd_input(x: jax.Array, tile: int) -> jax.Array:
     column transform of all n of those at once, each from strided views of the one before.
 
     Why: with one column expression per tile row (36 outputs built as 6 x 6 small ones) the
-    transform ran at a tenth of a copy's rate; as one expression over all n rows, after an
+    transform took ~9x a copy of its output; as one expression over all n rows, after an
     optimization barrier that keeps the rows as their own pass, it is 1.6-2.7x faster on every
-    ResNet map at 128 px (batch 32, 32x32x64: 7.3-9.7 -> 3.5 ms; 4x4x512: 0.8 -> 0.5 ms, 0.7
-    without the barrier; benchmarks/RESULTS.md,
-    issue 17), same values bit for bit."""
+    ResNet map at 128 px (batch 32, 32x32x64: 7.3-9.7 -> 3.6 ms; 4x4x512: 0.8 -> 0.5 ms, 0.7
+    without the barrier; benchmarks/RESULTS.md, issue 17), same values bit for bit."""
     bt = WINOGRAD_MATRICES[tile][0]
     n = tile + 2
     b, h, w, c = x.shape
