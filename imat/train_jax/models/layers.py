@@ -475,47 +475,51 @@ def _depthwise_fwd(x, kernel, stride, padding):
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (w + 2 * padding - kw) // stride + 1
-    return _depthwise_taps_sum(xp, kernel, stride, ho, wo), (x, kernel)
+    # The padded input is the residual: the kernel gradient reads it as it is.
+    return _depthwise_taps_sum(xp, kernel, stride, ho, wo), (xp, kernel)
 
 
-def _depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Array:
-    """[kh*kw, C]: per tap, sum over batch and positions of (shifted input) * dy.
+def _depthwise_kernel_grad(xp: jax.Array, dy: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+    """[kh*kw, C]: per tap, sum over batch and positions of (shifted padded input ``xp``) * dy.
 
     One variadic ``lax.reduce`` of the kh*kw tap products per chunk of ``DEPTHWISE_GRAD_CHUNK``
     images, accumulated in a ``lax.scan``. As kh*kw separate sums, XLA:CPU ran each tap as its
     own pass (a materialised shifted slice, then a multiply-reduce), streaming x and dy again per
-    tap; the variadic reduce is one fused loop with kh*kw accumulators, reading each chunk once
-    (per layer, 128 px mobilenet_v2 shapes, batch 32: 1.4-2.9x faster; benchmarks/RESULTS.md,
-    issue 17). Per chunk, x and dy stay in cache; the whole batch at once was 2-4x slower."""
-    b, c = x.shape[0], x.shape[3]
+    tap; the variadic reduce is one fused loop with kh*kw accumulators that reads each chunk once
+    (per layer, mobilenet_v2's 128 px shapes, batch 32: 1.4-2.9x faster). The scan keeps each
+    chunk in cache (the whole batch at once was 2-4x slower) and makes dy one materialised array:
+    an unrolled loop over chunks let XLA fuse dy's producer (the BatchNorm and ReLU6 backward)
+    into every chunk's reduce, and the step was no faster. The chunks are dynamic slices of the
+    whole ``xp`` and ``dy``, not scanned-over reshapes: a reshaped ``xp`` made XLA recompute it
+    (BatchNorm, ReLU6, pad) once more. Whole steps: benchmarks/RESULTS.md, issue 17."""
+    b, c = xp.shape[0], xp.shape[3]
     ho, wo = dy.shape[1], dy.shape[2]
     chunk = math.gcd(b, DEPTHWISE_GRAD_CHUNK)
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    dtype = jnp.result_type(x, dy)
+    dtype = jnp.result_type(xp, dy)
 
-    def add_chunk(acc, chunk_pair):
-        xc, dc = chunk_pair
+    def add_chunk(acc, index):
+        xc = jax.lax.dynamic_slice_in_dim(xp, index * chunk, chunk, 0).astype(dtype)
+        dc = jax.lax.dynamic_slice_in_dim(dy, index * chunk, chunk, 0).astype(dtype)
         products = [
             jax.lax.slice(xc, (0, i, j, 0), (chunk, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                          (1, stride, stride, 1)).astype(dtype) * dc.astype(dtype)
+                          (1, stride, stride, 1)) * dc
             for i in range(kh) for j in range(kw)
         ]
         sums = jax.lax.reduce(products, [jnp.zeros((), dtype)] * len(products),
                               lambda a, b: [p + q for p, q in zip(a, b)], (0, 1, 2))
         return acc + jnp.stack(sums), None
 
-    chunks = (xp.reshape(b // chunk, chunk, *xp.shape[1:]), dy.reshape(b // chunk, chunk, *dy.shape[1:]))
-    dkernel, _ = jax.lax.scan(add_chunk, jnp.zeros((kh * kw, c), dtype), chunks)
+    dkernel, _ = jax.lax.scan(add_chunk, jnp.zeros((kh * kw, c), dtype), jnp.arange(b // chunk))
     return dkernel
 
 
 def _depthwise_bwd(stride, padding, residuals, dy):
-    x, kernel = residuals
+    xp, kernel = residuals
     kh, kw = kernel.shape[0], kernel.shape[1]
-    b, h, w, c = x.shape
+    b, hp, wp, c = xp.shape
+    h, w = hp - 2 * padding, wp - 2 * padding
     ho, wo = dy.shape[1], dy.shape[2]
-    hp, wp = h + 2 * padding, w + 2 * padding
-    dkernel = _depthwise_kernel_grad(x, dy, kh, kw, stride, padding).reshape(kh, kw, 1, c)
+    dkernel = _depthwise_kernel_grad(xp, dy, kh, kw, stride).reshape(kh, kw, 1, c)
     # d xp[m] = sum_i dyd[m - i] k[i], dyd = dy dilated by the stride: a stride-1 correlation of
     # dyd padded by k-1 (plus the rows the forward never reached) with the flipped kernel.
     zero = jnp.zeros((), dy.dtype)
